@@ -1,0 +1,37 @@
+"""mft-trainer: multi-task fine-tuning of causal language models on Hugging Face `transformers.Trainer`.
+
+>>> from mft_trainer import DataConfig, build_mft_dataset, DataCollatorForMFT     # doctest: +SKIP
+>>> data = build_mft_dataset(DataConfig(data_paths=["examples/data/code_qa"]), tokenizer)
+>>> collator = DataCollatorForMFT(pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+"""
+
+from .collator import DataCollatorForMFT
+from .data_config import DataConfig, OverlengthPolicy
+from .dataset import MFTDataset, build_mft_dataset
+from .records import DataValidationError, InvalidRecord, Problem, RecordError, parse_record
+from .rendering import InferencePrompt, RoleMarkers, build_inference_prompt, render_conversation
+from .summary import DatasetSummary, TaskSummary
+from .tasks import TaskRegistry, resolve_task_sources
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataCollatorForMFT",
+    "DataConfig",
+    "DataValidationError",
+    "DatasetSummary",
+    "InferencePrompt",
+    "InvalidRecord",
+    "MFTDataset",
+    "OverlengthPolicy",
+    "Problem",
+    "RecordError",
+    "RoleMarkers",
+    "TaskRegistry",
+    "TaskSummary",
+    "build_inference_prompt",
+    "build_mft_dataset",
+    "parse_record",
+    "render_conversation",
+    "resolve_task_sources",
+]

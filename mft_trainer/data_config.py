@@ -1,0 +1,131 @@
+"""`DataConfig`: what data to read and how to turn it into training samples.
+
+>>> config = DataConfig(data_paths=["examples/data/code_qa", "examples/data/multi_round_chat"],
+...                     seq_length=1024, data_split="98,2")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional, Union
+
+from .rendering import RoleMarkers
+from .splitting import parse_data_split
+
+
+class OverlengthPolicy(str, Enum):
+    """What happens to a sample longer than `seq_length`."""
+
+    DROP = "drop"  # the sample is left out (and counted)
+    TRUNCATE = "truncate"  # the sample is cut to seq_length; dropped (and counted) if no trained token is left
+
+
+@dataclass
+class DataConfig:
+    """Data fields of a run. Each field's `help` is what `--help` shows.
+
+    Groups:
+        where: data_paths, valid_data_paths
+        samples: seq_length, overlength_policy, role_markers, eos_token, skip_invalid_records
+        split: data_split, split_seed
+        processing: tokenize_num_proc, dataset_cache_dir
+    """
+
+    data_paths: Optional[Union[list[str], dict, str]] = field(
+        default=None,
+        metadata={
+            "help": "The tasks: a task directory of jsonl files (searched recursively) or a .jsonl file, a list of "
+            "them (the task name is the directory name, or the file name without .jsonl), or a mapping "
+            "{task_name: [paths]}."
+        },
+    )
+    valid_data_paths: Optional[Union[list[str], dict, str]] = field(
+        default=None,
+        metadata={
+            "help": "Explicit validation data, in the same form as data_paths and with the same task names. When "
+            "given, all of data_paths is used for training and data_split must not ask for a validation part."
+        },
+    )
+    data_split: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'Train/validation weights per task, "98,2" (MFTCoder\'s "98,2,0" is accepted; the test part '
+            'must be 0). Default "98,2", or "100,0" when valid_data_paths is given.'
+        },
+    )
+    split_seed: int = field(default=42, metadata={"help": "Seed of the per-task train/validation split."})
+    seq_length: int = field(default=2048, metadata={"help": "Maximum tokens per sample (and per packed row)."})
+    overlength_policy: str = field(
+        default="drop",
+        metadata={
+            "help": "Samples longer than seq_length: 'drop' them or 'truncate' them to seq_length (a truncated "
+            "sample with no trained token left is dropped). Both are counted per task in the summary."
+        },
+    )
+    role_markers: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": 'Turn markers {"system": ..., "user": ..., "assistant": ...}; default MFTCoder\'s '
+            '"<s>system\\n", "<s>human\\n", "<s>bot\\n".'
+        },
+    )
+    eos_token: Optional[str] = field(
+        default=None, metadata={"help": "Token that ends every assistant turn; default the tokenizer's EOS token."}
+    )
+    skip_invalid_records: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip invalid jsonl records (counted per task and reason in the summary) instead of stopping "
+            "with the list of errors."
+        },
+    )
+    tokenize_num_proc: Optional[int] = field(
+        default=None, metadata={"help": "Processes used to tokenize (datasets.map num_proc); default 1."}
+    )
+    dataset_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Where tokenized tasks are cached (reused while data, tokenizer and settings are unchanged); "
+            "default <HF datasets cache>/mft_trainer. Set to 'none' to disable caching."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.data_paths is None or self.data_paths == [] or self.data_paths == {}:
+            raise ValueError(
+                "data_paths is required: a task directory, a list of them, or a mapping {task_name: [paths]}, "
+                "e.g. data_paths: [data/code_qa, data/chat]"
+            )
+        if not isinstance(self.seq_length, int) or self.seq_length <= 0:
+            raise ValueError(f"seq_length must be a positive integer, got {self.seq_length!r}")
+        try:
+            self.overlength_policy = OverlengthPolicy(self.overlength_policy).value
+        except ValueError:
+            raise ValueError(
+                f"overlength_policy must be one of {[p.value for p in OverlengthPolicy]}, got {self.overlength_policy!r}"
+            ) from None
+        if self.data_split is None:
+            self.data_split = "100,0" if self.valid_data_paths is not None else "98,2"
+        _, valid_fraction = parse_data_split(self.data_split)
+        if self.valid_data_paths is not None and valid_fraction > 0:
+            raise ValueError(
+                f"valid_data_paths is given and data_split {self.data_split!r} also asks for a validation part; "
+                'use one of them (with valid_data_paths, leave data_split unset or "100,0")'
+            )
+        RoleMarkers.from_config(self.role_markers)  # validate early, with the same message as later
+        if self.tokenize_num_proc is not None and self.tokenize_num_proc < 1:
+            raise ValueError(f"tokenize_num_proc must be >= 1, got {self.tokenize_num_proc!r}")
+
+    @property
+    def valid_fraction(self) -> float:
+        return parse_data_split(self.data_split)[1]
+
+    def render_settings(self) -> dict[str, Any]:
+        """The fields that change how a record becomes tokens (part of the tokenization cache key)."""
+        return {
+            "seq_length": self.seq_length,
+            "overlength_policy": self.overlength_policy,
+            "role_markers": RoleMarkers.from_config(self.role_markers).to_dict(),
+            "eos_token": self.eos_token,
+        }

@@ -1,0 +1,258 @@
+"""Build the multi-task dataset: task files -> validated records -> tokens and masks -> train/valid.
+
+>>> from transformers import AutoTokenizer                                          # doctest: +SKIP
+>>> tokenizer = AutoTokenizer.from_pretrained("examples/tokenizers/gpt2")           # doctest: +SKIP
+>>> data = build_mft_dataset(DataConfig(data_paths=["examples/data/code_qa",
+...                                                 "examples/data/multi_round_chat"]), tokenizer)
+>>> print(data.summary)             # per-task samples, tokens, trained tokens, drops, split sizes
+>>> data.train[0].keys()            # dict_keys(['input_ids', 'labels', 'task_id'])
+>>> data.tasks.names                # ('code_qa', 'multi_round_chat')
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
+from datasets.fingerprint import Hasher
+
+from .data_config import DataConfig, OverlengthPolicy
+from .records import DataValidationError, Record, RecordError, read_records
+from .constants import IGNORE_INDEX
+from .rendering import RoleMarkers, record_segments, resolve_eos_token_id, tokenize_segments
+from .splitting import split_indices
+from .summary import DatasetSummary, TaskSummary
+from .tasks import TaskRegistry, resolve_task_sources
+
+logger = logging.getLogger(__name__)
+
+# Bump when the tokenized layout changes, so that old cache files are not reused.
+_CACHE_FORMAT_VERSION = 1
+SAMPLE_COLUMNS = ("input_ids", "labels", "task_id")
+
+_STATUS_KEPT = "kept"
+_STATUS_TRUNCATED = "truncated"
+_STATUS_TOO_LONG = "too_long"
+_STATUS_NO_TRAINED = "no_trained_token"
+
+_TOKENIZED_FEATURES = Features(
+    {
+        "input_ids": Sequence(Value("int32")),
+        "labels": Sequence(Value("int32")),
+        "task_id": Value("int32"),
+        "status": Value("string"),
+        "num_tokens": Value("int64"),
+        "num_trained_tokens": Value("int64"),
+    }
+)
+
+
+@dataclass
+class MFTDataset:
+    """The built dataset: `train` and `valid` (None when no task has validation samples) hold the
+    columns input_ids, labels (-100 where no loss) and task_id; `tasks` maps ids to names."""
+
+    train: Dataset
+    valid: Dataset | None
+    tasks: TaskRegistry
+    summary: DatasetSummary
+
+
+class _Tokenizer:
+    """The `datasets.map` function: render and tokenize a batch of records of one task."""
+
+    def __init__(self, tokenizer: Any, markers: RoleMarkers, eos_token_id: int, config: DataConfig, task_id: int):
+        self.tokenizer = tokenizer
+        self.markers = markers
+        self.eos_token_id = eos_token_id
+        self.seq_length = config.seq_length
+        self.truncate = config.overlength_policy == OverlengthPolicy.TRUNCATE.value
+        self.task_id = task_id
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        segments = [record_segments(Record.from_row(row), self.markers) for row in rows]
+        out: dict[str, list] = {name: [] for name in _TOKENIZED_FEATURES}
+        for sample in tokenize_segments(segments, self.tokenizer, self.eos_token_id):
+            input_ids, labels, status = sample["input_ids"], sample["labels"], _STATUS_KEPT
+            if len(input_ids) > self.seq_length:
+                if self.truncate:
+                    input_ids, labels = input_ids[: self.seq_length], labels[: self.seq_length]
+                    has_trained = any(label != IGNORE_INDEX for label in labels)
+                    status = _STATUS_TRUNCATED if has_trained else _STATUS_NO_TRAINED
+                else:
+                    status = _STATUS_TOO_LONG
+                if status != _STATUS_TRUNCATED:
+                    input_ids, labels = [], []  # dropped: keep only the status, for the counts
+            out["input_ids"].append(input_ids)
+            out["labels"].append(labels)
+            out["task_id"].append(self.task_id)
+            out["status"].append(status)
+            out["num_tokens"].append(len(input_ids))
+            out["num_trained_tokens"].append(sum(label != IGNORE_INDEX for label in labels))
+        return out
+
+
+def _cache_dir(config: DataConfig) -> Path | None:
+    if config.dataset_cache_dir is not None and config.dataset_cache_dir.lower() == "none":
+        return None
+    if config.dataset_cache_dir is not None:
+        return Path(config.dataset_cache_dir)
+    return Path(datasets.config.HF_DATASETS_CACHE) / "mft_trainer"
+
+
+def _tokenize_task(
+    name: str, records: list[Record], task_id: int, tokenizer: Any, config: DataConfig, eos_token_id: int
+) -> Dataset:
+    raw = Dataset.from_list([r.to_row() for r in records])
+    settings = config.render_settings()
+    # The fingerprint of `raw` hashes the records' content; with the tokenizer and the render
+    # settings it identifies the result, so a cached file is reused only when nothing changed.
+    key = Hasher.hash([_CACHE_FORMAT_VERSION, raw._fingerprint, tokenizer, settings, eos_token_id, task_id])
+    cache_dir = _cache_dir(config)
+    cache_file = None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        cache_file = str(cache_dir / f"{safe_name}-{key}.arrow")
+    return raw.map(
+        _Tokenizer(tokenizer, RoleMarkers.from_config(config.role_markers), eos_token_id, config, task_id),
+        batched=True,
+        batch_size=256,
+        remove_columns=raw.column_names,
+        features=_TOKENIZED_FEATURES,
+        num_proc=config.tokenize_num_proc if config.tokenize_num_proc and len(raw) > 1 else None,
+        cache_file_name=cache_file,
+        load_from_cache_file=cache_file is not None,
+        new_fingerprint=key,
+        desc=f"Tokenizing {name}",
+    )
+
+
+def _count_and_keep(tokenized: Dataset, summary: TaskSummary) -> Dataset:
+    """Add the over-length counts and the kept samples' sizes to `summary`; return the kept samples."""
+    statuses = Counter(tokenized["status"])
+    summary.dropped_too_long += statuses[_STATUS_TOO_LONG]
+    summary.truncated += statuses[_STATUS_TRUNCATED]
+    summary.dropped_no_trained_token += statuses[_STATUS_NO_TRAINED]
+    kept_statuses = {_STATUS_KEPT, _STATUS_TRUNCATED}
+    if sum(statuses[s] for s in kept_statuses) < len(tokenized):
+        tokenized = tokenized.filter(lambda status: status in kept_statuses, input_columns="status")
+    summary.samples += len(tokenized)
+    summary.tokens += sum(tokenized["num_tokens"])
+    summary.trained_tokens += sum(tokenized["num_trained_tokens"])
+    return tokenized.select_columns(list(SAMPLE_COLUMNS))
+
+
+def _read_tasks(
+    sources: dict[str, list[Path]], summaries: dict[str, TaskSummary], skip_invalid: bool
+) -> dict[str, list[Record]]:
+    records: dict[str, list[Record]] = {}
+    errors: list[RecordError] = []
+    for name, files in sources.items():
+        task_records = read_records(files)
+        summary = summaries[name]
+        summary.files += len(files)
+        summary.records += len(task_records.records)
+        summary.skipped_invalid += len(task_records.errors)
+        for reason, count in task_records.skipped_by_problem.items():
+            summary.skipped_reasons[reason] = summary.skipped_reasons.get(reason, 0) + count
+        errors += task_records.errors
+        records[name] = task_records.records
+    if errors and not skip_invalid:
+        raise DataValidationError(errors)
+    for error in errors:
+        logger.debug("skipped invalid record %s", error)
+    return records
+
+
+def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
+    """Read, validate, render, tokenize and split every task of `config`.
+
+    Args:
+        config: the data settings (paths, seq_length, split, ...).
+        tokenizer: a Hugging Face tokenizer (a fast one tokenizes in batches, much faster).
+
+    Returns:
+        An `MFTDataset` with the train/valid `datasets.Dataset`s, the task registry and the summary.
+
+    Raises:
+        DataValidationError: invalid records (unless `skip_invalid_records`), listing up to 20 with
+            their file and line.
+        ValueError: a task with no sample (no valid record, or all dropped as over-length), or
+            validation data for a task that has no training data.
+    """
+    eos_token_id = resolve_eos_token_id(tokenizer, config.eos_token)
+    train_sources = resolve_task_sources(config.data_paths)
+    valid_sources = resolve_task_sources(config.valid_data_paths) if config.valid_data_paths is not None else {}
+    unknown = sorted(set(valid_sources) - set(train_sources))
+    if unknown:
+        raise ValueError(
+            f"valid_data_paths has task(s) {unknown} that are not in data_paths (tasks: {list(train_sources)}); "
+            "validation tasks must have the same names as training tasks"
+        )
+    tasks = TaskRegistry.from_names(train_sources)
+    summaries = {name: TaskSummary(name=name) for name in tasks.names}
+    summary = DatasetSummary(
+        tasks=list(summaries.values()),
+        seq_length=config.seq_length,
+        overlength_policy=config.overlength_policy,
+        data_split=config.data_split,
+    )
+
+    train_records = _read_tasks(train_sources, summaries, config.skip_invalid_records)
+    valid_records = _read_tasks(valid_sources, summaries, config.skip_invalid_records)
+
+    train_parts, valid_parts = [], []
+    for task_id, name in enumerate(tasks.names):
+        task_summary = summaries[name]
+        if not train_records[name]:
+            raise ValueError(
+                f"task {name!r} has no valid record (files: {[str(f) for f in train_sources[name]]}, "
+                f"{task_summary.skipped_invalid} invalid record(s) skipped)"
+            )
+        train = _count_and_keep(
+            _tokenize_task(name, train_records[name], task_id, tokenizer, config, eos_token_id), task_summary
+        )
+        if len(train) == 0:
+            raise ValueError(
+                f"task {name!r} has no sample left: all {task_summary.records} are longer than seq_length "
+                f"{config.seq_length} (overlength_policy {config.overlength_policy!r}); raise seq_length "
+                "or use overlength_policy 'truncate'"
+            )
+        if name in valid_records:
+            valid = _count_and_keep(
+                _tokenize_task(f"{name} (valid)", valid_records[name], task_id, tokenizer, config, eos_token_id),
+                task_summary,
+            )
+        else:
+            train_indices, valid_indices = split_indices(len(train), config.valid_fraction, config.split_seed, name)
+            valid = train.select(valid_indices)
+            train = train.select(train_indices)
+            if config.valid_fraction > 0 and len(valid) == 0:
+                summary.warnings.append(
+                    f"task {name!r} has only {len(train)} sample(s): too few for a validation part at "
+                    f"data_split {config.data_split}; it has no validation samples"
+                )
+        if valid_sources and name not in valid_sources:
+            summary.warnings.append(f"task {name!r} has no file in valid_data_paths: it has no validation samples")
+        task_summary.train_samples = len(train)
+        task_summary.valid_samples = len(valid)
+        train_parts.append(train)
+        if len(valid):
+            valid_parts.append(valid)
+
+    for warning in summary.warnings:
+        logger.warning(warning)
+    return MFTDataset(
+        train=concatenate_datasets(train_parts),
+        valid=concatenate_datasets(valid_parts) if valid_parts else None,
+        tasks=tasks,
+        summary=summary,
+    )
+

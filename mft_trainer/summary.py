@@ -1,0 +1,108 @@
+"""The dataset summary: per task, what was read, what was kept and what was left out, and why."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class TaskSummary:
+    """Counts for one task (train and explicit validation files together).
+
+    `records` are the valid records read; `samples` those kept after the over-length policy, split
+    into `train_samples` + `valid_samples`. `tokens` and `trained_tokens` count the kept samples.
+    """
+
+    name: str
+    files: int = 0
+    records: int = 0
+    skipped_invalid: int = 0
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    dropped_too_long: int = 0
+    truncated: int = 0
+    dropped_no_trained_token: int = 0
+    samples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    train_samples: int = 0
+    valid_samples: int = 0
+
+
+# (header, attribute) of the printed table, in order.
+_COLUMNS = (
+    ("task", "name"),
+    ("records", "records"),
+    ("skipped", "skipped_invalid"),
+    ("too long", "dropped_too_long"),
+    ("truncated", "truncated"),
+    ("no loss", "dropped_no_trained_token"),
+    ("samples", "samples"),
+    ("tokens", "tokens"),
+    ("trained", "trained_tokens"),
+    ("train", "train_samples"),
+    ("valid", "valid_samples"),
+)
+
+
+@dataclass
+class DatasetSummary:
+    """What `build_mft_dataset` built; `str(summary)` is the printed table."""
+
+    tasks: list[TaskSummary]
+    seq_length: int
+    overlength_policy: str
+    data_split: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> TaskSummary:
+        total = TaskSummary(name="total")
+        for task in self.tasks:
+            for f in fields(TaskSummary):
+                if f.name == "skipped_reasons":
+                    for reason, count in task.skipped_reasons.items():
+                        total.skipped_reasons[reason] = total.skipped_reasons.get(reason, 0) + count
+                elif f.name != "name":
+                    setattr(total, f.name, getattr(total, f.name) + getattr(task, f.name))
+        return total
+
+    def task(self, name: str) -> TaskSummary:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(f"no task {name!r} in the summary; tasks are {[t.name for t in self.tasks]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq_length": self.seq_length,
+            "overlength_policy": self.overlength_policy,
+            "data_split": self.data_split,
+            "tasks": [asdict(t) for t in self.tasks],
+            "total": asdict(self.total),
+            "warnings": list(self.warnings),
+        }
+
+    def __str__(self) -> str:
+        rows = [[str(getattr(t, attr)) for _, attr in _COLUMNS] for t in [*self.tasks, self.total]]
+        headers = [h for h, _ in _COLUMNS]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+        out = [
+            f"Multi-task dataset: {len(self.tasks)} tasks, seq_length {self.seq_length} "
+            f"(over-length: {self.overlength_policy}), split {self.data_split}",
+            line(headers),
+            line(["-" * w for w in widths]),
+            *(line(r) for r in rows[:-1]),
+            line(["-" * w for w in widths]),
+            line(rows[-1]),
+        ]
+        for task in self.tasks:
+            if task.skipped_reasons:
+                reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(task.skipped_reasons.items()))
+                out.append(f"skipped in {task.name}: {reasons}")
+        out += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(out)

@@ -1,0 +1,32 @@
+"""pip install -e ".[dev]"  (install the CPU torch first on machines without a GPU: pip install torch==2.13.0)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mft-trainer",
+    version="0.1.0",
+    description="Multi-task fine-tuning of causal language models on Hugging Face transformers.Trainer",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mft_trainer", "mft_trainer.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.0",
+        "accelerate>=1.10",
+        "datasets>=3.0",
+        "peft>=0.17",
+        "pyyaml>=6.0",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.17"],
+        "qlora": ["bitsandbytes>=0.45"],
+        "flash-attn": ["flash-attn>=2.7"],
+        "trl": ["trl>=0.20"],
+        "dev": ["pytest>=8", "tensorboard"],
+    },
+)

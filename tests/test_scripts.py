@@ -1,0 +1,25 @@
+"""The command-line entry points, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def test_prepare_data_prints_summary_samples_and_saves(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/prepare_data.py", "examples/recipes/demo_data.yaml", "--show_samples", "1",
+         "--save_to", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={"HF_DATASETS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Multi-task dataset: 4 tasks" in out
+    for task in ("code_generation", "code_qa", "multi_round_chat", "code_completion"):
+        assert f"--- {task} (" in out
+    assert "«" in out and "<|endoftext|>»" in out  # trained spans end with EOS
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["total"]["samples"] == 100
+    assert json.loads((tmp_path / "out" / "tasks.json").read_text())["tasks"][0]["name"] == "code_generation"
