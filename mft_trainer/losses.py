@@ -1,0 +1,240 @@
+"""Per-token cross-entropy and its reduction by loss mode, exact across micro-batches and ranks.
+
+A step's loss is a ratio whose denominators (trained tokens / samples, overall or per task) span the
+whole optimizer step: every micro-batch of the gradient-accumulation window on every rank. The caller
+counts them once per step with :func:`count_normalizers`, all-reduces ``LossNormalizers.stacked()``,
+and then :func:`reduce_loss` returns each micro-batch's *contribution*: summing the contributions of
+all micro-batches (and ranks) gives exactly the loss, and gradient, of the whole step in one batch.
+
+Batch contract (all ``[B, L]`` int64): ``labels`` (not pre-shifted, -100 = no loss, column 0 never a
+target), ``task_ids`` (-1 on padding), ``segment_ids`` (sample id unique within the micro-batch, -1 on
+padding; a packed row holds several samples, and a sample is never split across micro-batches).
+All reductions are vectorised and avoid boolean indexing, so they cause no host-device sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .constants import IGNORE_INDEX
+
+
+class LossMode(str, Enum):
+    """How per-token losses are reduced to the loss of one optimizer step."""
+
+    CASE1 = "case1"  # token mean
+    CASE2 = "case2"  # sample mean (mean of per-sample token means)
+    CASE3 = "case3"  # task-balanced token mean (default)
+    CASE4 = "case4"  # task-balanced sample mean
+    COBA = "coba"  # case3 with weights supplied by the Convergence Balancer
+
+    @classmethod
+    def parse(cls, value: str | LossMode) -> LossMode:
+        """Return the mode for an MFTCoder name ("case3") or a readable alias ("task"), any case.
+
+        Raises:
+            ValueError: if ``value`` is neither a mode name nor an alias; the message lists both.
+        """
+        if isinstance(value, cls):
+            return value
+        key = str(value).strip().lower()
+        aliases = {"token": cls.CASE1, "sample": cls.CASE2, "task": cls.CASE3, "task_sample": cls.CASE4}
+        if key in aliases:
+            return aliases[key]
+        try:
+            return cls(key)
+        except ValueError:
+            accepted = [m.value for m in cls] + list(aliases)
+            raise ValueError(f"unknown loss mode {value!r}; accepted: {', '.join(accepted)}") from None
+
+
+def trained_mask(labels: Tensor) -> Tensor:
+    """Positions that carry loss.
+
+    Args:
+        labels: ``[B, L]`` target ids, -100 where untrained.
+    Returns:
+        ``[B, L]`` bool, ``labels != -100`` with column 0 False (no logit predicts the first token).
+    """
+    mask = labels != IGNORE_INDEX  # [B, L]
+    mask[:, 0] = False
+    return mask
+
+
+def per_token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of each target token, aligned with ``labels``.
+
+    This is the one place to swap in a chunked or fused kernel later.
+
+    Args:
+        logits: ``[B, L, V]``; ``logits[:, j]`` predicts token ``j + 1``. Any float dtype.
+        labels: ``[B, L]`` target ids, -100 where untrained.
+    Returns:
+        ``[B, L]`` float32; ``out[:, j]`` is the CE of ``labels[:, j]`` given ``logits[:, j - 1]``,
+        0 where untrained and in column 0.
+    """
+    B, L, V = logits.shape
+    # Shift the labels, not the logits: slicing logits[:, :-1] gives a non-contiguous view that
+    # flattening would copy, on top of the float32 upcast. Here the upcast is the only copy.
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, L], shifted[:, j] = labels[:, j+1]
+    loss = F.cross_entropy(
+        logits.reshape(-1, V).float(), shifted.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+    ).view(B, L)  # [B, L], loss[:, j] scores labels[:, j+1]
+    return F.pad(loss[:, :-1], (1, 0))  # [B, L], re-aligned with labels
+
+
+def _sample_stats(
+    mask: Tensor, task_ids: Tensor, segment_ids: Tensor, values: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample sums over trained tokens, indexed by segment id.
+
+    Samples are defined by segment ids, never rows, so packed rows are handled. Output has
+    ``N = B * L`` slots (an upper bound on segment ids) so no ``max().item()`` sync is needed.
+
+    Returns:
+        ``(value_sum [N], trained_count [N], task [N])``; task is -1 for slots with no trained token.
+    """
+    n = mask.numel()
+    seg = torch.where(mask, segment_ids, 0).reshape(-1)  # [N]; untrained tokens add 0 to slot 0
+    counts = torch.zeros(n, dtype=torch.float32, device=mask.device).index_add_(
+        0, seg, mask.reshape(-1).float()
+    )  # [N]
+    sums = counts if values is None else torch.zeros(n, dtype=values.dtype, device=mask.device).index_add(
+        0, seg, torch.where(mask, values, 0).reshape(-1)
+    )  # [N]
+    # A sample's task is the task of its trained tokens (all equal); amax picks it, -1 if none.
+    task = torch.full((n,), -1, dtype=torch.long, device=mask.device).scatter_reduce_(
+        0, seg, torch.where(mask, task_ids, -1).reshape(-1), reduce="amax"
+    )  # [N]
+    return sums, counts, task
+
+
+def _safe(x: Tensor) -> Tensor:
+    """Replace zero denominators by 1; their numerators are 0, so the quotient is 0, never NaN."""
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
+@dataclass
+class LossNormalizers:
+    """Denominators of one optimizer step, over all its micro-batches and (after all-reduce) ranks.
+
+    Attributes:
+        tokens_per_task: ``[T]`` float32, trained tokens of each task.
+        samples_per_task: ``[T]`` float32, samples with at least one trained token, by task.
+    """
+
+    tokens_per_task: Tensor
+    samples_per_task: Tensor
+
+    def stacked(self) -> Tensor:
+        """Both counts as one ``[2, T]`` tensor, so the caller all-reduces (SUM) once."""
+        return torch.stack([self.tokens_per_task, self.samples_per_task])
+
+    @classmethod
+    def from_stacked(cls, stacked: Tensor) -> LossNormalizers:
+        """Inverse of :meth:`stacked`."""
+        return cls(tokens_per_task=stacked[0], samples_per_task=stacked[1])
+
+
+def count_normalizers(
+    batches: Sequence[Mapping[str, Tensor]], num_tasks: int, device: torch.device | str | None = None
+) -> LossNormalizers:
+    """Count trained tokens and samples per task over the micro-batches of one step (local rank).
+
+    Args:
+        batches: micro-batches with ``labels``, ``task_ids``, ``segment_ids`` (each ``[B, L]``).
+        num_tasks: T.
+        device: where the counts live; default the device of the first batch's labels (else CPU).
+    Returns:
+        Local :class:`LossNormalizers`; all-reduce ``stacked()`` across ranks before use.
+    """
+    if device is None:
+        device = batches[0]["labels"].device if batches else "cpu"
+    tokens = torch.zeros(num_tasks, dtype=torch.float32, device=device)
+    samples = torch.zeros(num_tasks, dtype=torch.float32, device=device)
+    for batch in batches:  # a loop over micro-batches, not samples
+        labels, task_ids = batch["labels"].to(device), batch["task_ids"].to(device)
+        mask = trained_mask(labels)  # [B, L]
+        # index_add (not bincount) so an out-of-range task id fails loudly instead of being dropped.
+        tokens.index_add_(0, torch.where(mask, task_ids, 0).reshape(-1), mask.reshape(-1).float())
+        _, _, seg_task = _sample_stats(mask, task_ids, batch["segment_ids"].to(device))  # [N]
+        has = seg_task >= 0  # [N], slots holding a sample with >= 1 trained token
+        samples.index_add_(0, seg_task.clamp(min=0), has.float())
+    return LossNormalizers(tokens_per_task=tokens, samples_per_task=samples)
+
+
+def reduce_loss(
+    per_token_loss: Tensor,
+    labels: Tensor,
+    task_ids: Tensor,
+    segment_ids: Tensor,
+    mode: LossMode | str,
+    normalizers: LossNormalizers,
+    task_weights: Tensor | None = None,
+) -> Tensor:
+    """This micro-batch's contribution to the step loss; contributions sum to the step loss.
+
+    Args:
+        per_token_loss: ``[B, L]`` loss aligned with labels (as from :func:`per_token_cross_entropy`).
+        labels, task_ids, segment_ids: ``[B, L]`` per the batch contract.
+        mode: a :class:`LossMode` or any name accepted by :meth:`LossMode.parse`.
+        normalizers: step-wide counts (whole accumulation window, all ranks).
+        task_weights: ``[T]`` weights w_t for case3/case4/coba (default all 1); ignored by case1/case2.
+    Returns:
+        Scalar in the dtype of ``per_token_loss``, connected to it even when nothing is trained.
+    """
+    mode = LossMode.parse(mode)
+    dtype, device = per_token_loss.dtype, per_token_loss.device
+    mask = trained_mask(labels)  # [B, L]
+    loss = torch.where(mask, per_token_loss, 0)  # [B, L]; where, not *, so a stray inf/NaN can't leak
+    tokens = normalizers.tokens_per_task.to(device, dtype)  # [T]
+    samples = normalizers.samples_per_task.to(device, dtype)  # [T]
+    T = tokens.numel()
+
+    if mode is LossMode.CASE1:
+        return loss.sum() / _safe(tokens.sum())
+    if mode in (LossMode.CASE2, LossMode.CASE4):
+        seg_sum, seg_count, seg_task = _sample_stats(mask, task_ids, segment_ids, loss)  # [N] each
+        seg_mean = seg_sum / _safe(seg_count.to(dtype))  # [N], 0 for slots without trained tokens
+        if mode is LossMode.CASE2:
+            return seg_mean.sum() / _safe(samples.sum())
+        # Each task's term: the sum of its samples' means (0-mean slots add 0 to task 0).
+        numer = torch.zeros(T, dtype=dtype, device=device).index_add(0, seg_task.clamp(min=0), seg_mean)  # [T]
+        denom = samples  # [T]
+    else:  # CASE3, COBA
+        numer = torch.zeros(T, dtype=dtype, device=device).index_add(
+            0, torch.where(mask, task_ids, 0).reshape(-1), loss.reshape(-1)
+        )  # [T]
+        denom = tokens  # [T]
+
+    # Only tasks present in the step take part, so an absent task's weight does not dilute W.
+    present = tokens > 0  # [T]
+    w = torch.ones(T, dtype=dtype, device=device) if task_weights is None else task_weights.to(device, dtype)
+    w = torch.where(present, w, torch.zeros_like(w))  # [T]
+    return (w * numer / _safe(denom)).sum() / _safe(w.sum())
+
+
+def per_task_loss_sums(
+    per_token_loss: Tensor, labels: Tensor, task_ids: Tensor, num_tasks: int
+) -> tuple[Tensor, Tensor]:
+    """Detached per-task loss sum and trained-token count, for logging token-mean CE per task.
+
+    Args:
+        per_token_loss: ``[B, L]`` loss aligned with labels.
+        labels, task_ids: ``[B, L]`` per the batch contract.
+        num_tasks: T.
+    Returns:
+        ``(loss_sum [T], token_count [T])``, both float32; sum them over micro-batches and ranks,
+        then divide.
+    """
+    mask = trained_mask(labels)  # [B, L]
+    idx = torch.where(mask, task_ids, 0).reshape(-1)  # [N]
+    loss = torch.where(mask, per_token_loss.detach().float(), 0).reshape(-1)  # [N]
+    zeros = torch.zeros(num_tasks, dtype=torch.float32, device=labels.device)
+    return zeros.index_add(0, idx, loss), zeros.index_add(0, idx, mask.reshape(-1).float())
