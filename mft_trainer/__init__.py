@@ -6,12 +6,15 @@
 """
 
 from .collator import DataCollatorForMFT
+from .config import MFTConfig
 from .data_config import DataConfig, OverlengthPolicy
 from .dataset import MFTDataset, build_mft_dataset
 from .records import DataValidationError, InvalidRecord, Problem, RecordError, parse_record
 from .rendering import InferencePrompt, RoleMarkers, build_inference_prompt, render_conversation
 from .summary import DatasetSummary, TaskSummary
 from .tasks import TaskRegistry, resolve_task_sources
+from .trainer import MFTTrainer
+from .losses import LossMode
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,9 @@ __all__ = [
     "DatasetSummary",
     "InferencePrompt",
     "InvalidRecord",
+    "LossMode",
+    "MFTConfig",
+    "MFTTrainer",
     "MFTDataset",
     "OverlengthPolicy",
     "Problem",

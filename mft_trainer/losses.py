@@ -169,6 +169,72 @@ def count_normalizers(
     return LossNormalizers(tokens_per_task=tokens, samples_per_task=samples)
 
 
+def task_loss_sums(
+    per_token_loss: Tensor, labels: Tensor, task_ids: Tensor, segment_ids: Tensor, num_tasks: int
+) -> Tensor:
+    """Per-task sums of a micro-batch, the numerators of every loss mode (differentiable).
+
+    Args:
+        per_token_loss: ``[B, L]`` loss aligned with labels (as from :func:`per_token_cross_entropy`).
+        labels, task_ids, segment_ids: ``[B, L]`` per the batch contract.
+        num_tasks: T.
+    Returns:
+        ``[2, T]`` in the dtype of ``per_token_loss``: row 0 the sum of the task's token losses, row 1
+        the sum over the task's samples of each sample's token-mean loss.
+    """
+    dtype, device = per_token_loss.dtype, per_token_loss.device
+    mask = trained_mask(labels)  # [B, L]
+    loss = torch.where(mask, per_token_loss, 0)  # [B, L]; where, not *, so a stray inf/NaN can't leak
+    token_sums = torch.zeros(num_tasks, dtype=dtype, device=device).index_add(
+        0, torch.where(mask, task_ids, 0).reshape(-1), loss.reshape(-1)
+    )  # [T]
+    seg_sum, seg_count, seg_task = _sample_stats(mask, task_ids, segment_ids, loss)  # [N] each
+    seg_mean = seg_sum / _safe(seg_count.to(dtype))  # [N], 0 for slots without trained tokens
+    # Slots without a sample have mean 0, so adding them to task 0 changes nothing.
+    sample_mean_sums = torch.zeros(num_tasks, dtype=dtype, device=device).index_add(
+        0, seg_task.clamp(min=0), seg_mean
+    )  # [T]
+    return torch.stack([token_sums, sample_mean_sums])
+
+
+def combine_task_sums(
+    sums: Tensor, mode: LossMode | str, normalizers: LossNormalizers, task_weights: Tensor | None = None
+) -> Tensor:
+    """The loss of the given mode from per-task sums and step-wide counts: the one place where the
+    formulas of DESIGN.md live.
+
+    With the sums of one micro-batch this is that micro-batch's contribution to the step loss; with
+    the sums of a whole step (or evaluation set) and its counts, it is that loss.
+
+    Args:
+        sums: ``[2, T]`` from :func:`task_loss_sums` (summed over any number of micro-batches).
+        mode: a :class:`LossMode` or any name accepted by :meth:`LossMode.parse`.
+        normalizers: counts over the whole step (accumulation window, all ranks) or evaluation set.
+        task_weights: ``[T]`` weights w_t for case3/case4/coba (default all 1); ignored by case1/case2.
+    Returns:
+        Scalar in the dtype of ``sums``.
+    """
+    mode = LossMode.parse(mode)
+    dtype, device = sums.dtype, sums.device
+    tokens = normalizers.tokens_per_task.to(device, dtype)  # [T]
+    samples = normalizers.samples_per_task.to(device, dtype)  # [T]
+    token_sums, sample_mean_sums = sums[0], sums[1]  # [T] each
+
+    if mode is LossMode.CASE1:
+        return token_sums.sum() / _safe(tokens.sum())
+    if mode is LossMode.CASE2:
+        return sample_mean_sums.sum() / _safe(samples.sum())
+    if mode is LossMode.CASE4:
+        numer, denom = sample_mean_sums, samples
+    else:  # CASE3, COBA
+        numer, denom = token_sums, tokens
+    # Only tasks present in the step take part, so an absent task's weight does not dilute W.
+    present = tokens > 0  # [T]
+    w = torch.ones_like(tokens) if task_weights is None else task_weights.to(device, dtype)
+    w = torch.where(present, w, torch.zeros_like(w))  # [T]
+    return (w * numer / _safe(denom)).sum() / _safe(w.sum())
+
+
 def reduce_loss(
     per_token_loss: Tensor,
     labels: Tensor,
@@ -189,52 +255,6 @@ def reduce_loss(
     Returns:
         Scalar in the dtype of ``per_token_loss``, connected to it even when nothing is trained.
     """
-    mode = LossMode.parse(mode)
-    dtype, device = per_token_loss.dtype, per_token_loss.device
-    mask = trained_mask(labels)  # [B, L]
-    loss = torch.where(mask, per_token_loss, 0)  # [B, L]; where, not *, so a stray inf/NaN can't leak
-    tokens = normalizers.tokens_per_task.to(device, dtype)  # [T]
-    samples = normalizers.samples_per_task.to(device, dtype)  # [T]
-    T = tokens.numel()
-
-    if mode is LossMode.CASE1:
-        return loss.sum() / _safe(tokens.sum())
-    if mode in (LossMode.CASE2, LossMode.CASE4):
-        seg_sum, seg_count, seg_task = _sample_stats(mask, task_ids, segment_ids, loss)  # [N] each
-        seg_mean = seg_sum / _safe(seg_count.to(dtype))  # [N], 0 for slots without trained tokens
-        if mode is LossMode.CASE2:
-            return seg_mean.sum() / _safe(samples.sum())
-        # Each task's term: the sum of its samples' means (0-mean slots add 0 to task 0).
-        numer = torch.zeros(T, dtype=dtype, device=device).index_add(0, seg_task.clamp(min=0), seg_mean)  # [T]
-        denom = samples  # [T]
-    else:  # CASE3, COBA
-        numer = torch.zeros(T, dtype=dtype, device=device).index_add(
-            0, torch.where(mask, task_ids, 0).reshape(-1), loss.reshape(-1)
-        )  # [T]
-        denom = tokens  # [T]
-
-    # Only tasks present in the step take part, so an absent task's weight does not dilute W.
-    present = tokens > 0  # [T]
-    w = torch.ones(T, dtype=dtype, device=device) if task_weights is None else task_weights.to(device, dtype)
-    w = torch.where(present, w, torch.zeros_like(w))  # [T]
-    return (w * numer / _safe(denom)).sum() / _safe(w.sum())
-
-
-def per_task_loss_sums(
-    per_token_loss: Tensor, labels: Tensor, task_ids: Tensor, num_tasks: int
-) -> tuple[Tensor, Tensor]:
-    """Detached per-task loss sum and trained-token count, for logging token-mean CE per task.
-
-    Args:
-        per_token_loss: ``[B, L]`` loss aligned with labels.
-        labels, task_ids: ``[B, L]`` per the batch contract.
-        num_tasks: T.
-    Returns:
-        ``(loss_sum [T], token_count [T])``, both float32; sum them over micro-batches and ranks,
-        then divide.
-    """
-    mask = trained_mask(labels)  # [B, L]
-    idx = torch.where(mask, task_ids, 0).reshape(-1)  # [N]
-    loss = torch.where(mask, per_token_loss.detach().float(), 0).reshape(-1)  # [N]
-    zeros = torch.zeros(num_tasks, dtype=torch.float32, device=labels.device)
-    return zeros.index_add(0, idx, loss), zeros.index_add(0, idx, mask.reshape(-1).float())
+    num_tasks = normalizers.tokens_per_task.numel()
+    sums = task_loss_sums(per_token_loss, labels, task_ids, segment_ids, num_tasks)  # [2, T]
+    return combine_task_sums(sums, mode, normalizers, task_weights)

@@ -10,10 +10,11 @@ import torch
 from mft_trainer.losses import (
     LossMode,
     LossNormalizers,
+    combine_task_sums,
     count_normalizers,
-    per_task_loss_sums,
     per_token_cross_entropy,
     reduce_loss,
+    task_loss_sums,
     trained_mask,
 )
 
@@ -307,20 +308,43 @@ def test_step_without_trained_tokens_gives_differentiable_zero(mode):
     assert torch.equal(loss.grad, torch.zeros_like(loss))
 
 
-def test_per_task_loss_sums_are_detached_token_sums():
+def test_task_loss_sums_are_per_task_token_and_sample_mean_sums():
     batch = full_batch()
     loss = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(5), requires_grad=True)
-    sums, counts = per_task_loss_sums(loss, batch["labels"], batch["task_ids"], NUM_TASKS)
-    assert not sums.requires_grad and not counts.requires_grad
-    exp_sums, exp_counts = [0.0] * NUM_TASKS, [0] * NUM_TASKS
+    sums = task_loss_sums(loss, batch["labels"], batch["task_ids"], batch["segment_ids"], NUM_TASKS)
+    exp_tokens = [0.0] * NUM_TASKS
+    per_sample: dict[int, list[float]] = {}
+    sample_task: dict[int, int] = {}
     for b in range(loss.shape[0]):
         for j in range(1, loss.shape[1]):
             if batch["labels"][b, j] != -100:
-                t = int(batch["task_ids"][b, j])
-                exp_sums[t] += float(loss[b, j].detach())
-                exp_counts[t] += 1
-    assert counts.tolist() == exp_counts
-    assert sums.tolist() == pytest.approx(exp_sums, rel=1e-6)
+                t, s = int(batch["task_ids"][b, j]), int(batch["segment_ids"][b, j])
+                exp_tokens[t] += float(loss[b, j])
+                per_sample.setdefault(s, []).append(float(loss[b, j]))
+                sample_task[s] = t
+    exp_means = [0.0] * NUM_TASKS
+    for s, values in per_sample.items():
+        exp_means[sample_task[s]] += sum(values) / len(values)
+    assert sums[0].tolist() == pytest.approx(exp_tokens, rel=1e-6)
+    assert sums[1].tolist() == pytest.approx(exp_means, rel=1e-6)
+    assert sums.requires_grad
+
+
+def test_combined_sums_of_a_whole_set_equal_the_loss_of_one_batch():
+    """Evaluation accumulates detached sums and counts batch by batch; combining them at the end
+    gives the loss of the whole set as one batch, for every mode."""
+    batch = full_batch()
+    loss = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(9))
+    for mode in ("case1", "case2", "case3", "case4"):
+        whole = reduce_loss(loss, **local_batch(batch), mode=mode, normalizers=count_normalizers([batch], NUM_TASKS),
+                            task_weights=WEIGHTS)
+        sums, counts = torch.zeros(2, NUM_TASKS), torch.zeros(2, NUM_TASKS)
+        splits = [[0, 1], [2], [3, 4, 5]]
+        for rows, micro in zip(splits, micro_batches(batch, splits)):
+            sums += task_loss_sums(loss[rows], micro["labels"], micro["task_ids"], micro["segment_ids"], NUM_TASKS)
+            counts += count_normalizers([micro], NUM_TASKS).stacked()
+        combined = combine_task_sums(sums, mode, LossNormalizers.from_stacked(counts), WEIGHTS)
+        assert combined.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------- LossMode.parse
