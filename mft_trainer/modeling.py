@@ -1,0 +1,178 @@
+"""Model set-up: the tokenizer and any `AutoModelForCausalLM`, for full fine-tuning, LoRA or QLoRA.
+
+>>> config = ModelConfig(model_name_or_path="Qwen/Qwen2.5-Coder-1.5B", peft_type="lora", lora_rank=64)
+>>> tokenizer = load_tokenizer(config)                                   # doctest: +SKIP
+>>> model = load_model(config, gradient_checkpointing=True)             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional, Union
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class PeftType(str, Enum):
+    NONE = "none"  # full fine-tuning
+    LORA = "lora"
+    QLORA = "qlora"  # LoRA over a 4-bit (NF4) or 8-bit quantized base
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how: full fine-tuning, LoRA or QLoRA. Each field's `help` is what
+    `--help` shows. Defaults follow MFTCoder (LoRA rank 96, alpha 32, dropout 0.05, all linear layers)."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Path (or hub id) of the base model; any AutoModelForCausalLM."}
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer path; default model_name_or_path."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16, float32."
+        },
+    )
+    attn_implementation: Optional[str] = field(
+        default=None,
+        metadata={"help": "Attention backend (sdpa, eager, flex_attention, flash_attention_2, ...); default transformers'."},
+    )
+    random_init: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the model from the config at model_name_or_path with random weights instead of loading "
+            "weights (demos, tests, benchmarks)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code shipped with the checkpoint. Off unless you trust it."}
+    )
+    peft_type: str = field(
+        default="none", metadata={"help": "none (full fine-tuning), lora, or qlora (LoRA over a quantized base)."}
+    )
+    quantization: Optional[str] = field(
+        default=None, metadata={"help": "qlora base quantization: 4bit (NF4, double quant; default) or 8bit."}
+    )
+    lora_rank: int = field(default=96, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Modules that get LoRA adapters; default all linear layers except the LM head."},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ValueError("model_name_or_path is required: the path (or hub id) of the base model")
+        try:
+            self.peft_type = PeftType(str(self.peft_type or "none").lower()).value
+        except ValueError:
+            raise ValueError(f"peft_type must be one of {[p.value for p in PeftType]}, got {self.peft_type!r}") from None
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}")
+        if self.peft_type == PeftType.QLORA.value:
+            self.quantization = self.quantization or "4bit"
+            if self.quantization not in ("4bit", "8bit"):
+                raise ValueError(f"quantization must be 4bit or 8bit, got {self.quantization!r}")
+        elif self.quantization is not None:
+            raise ValueError(f"quantization={self.quantization!r} needs peft_type qlora (peft_type is {self.peft_type})")
+        if self.lora_rank <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("lora_rank and lora_alpha must be > 0 and lora_dropout in [0, 1)")
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    """Load the tokenizer; one without a pad token pads with its EOS token (as MFTCoder does: padding
+    is masked out of attention and loss, so its id never matters)."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.tokenizer_name_or_path or config.model_name_or_path, trust_remote_code=config.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; set eos_token in the data settings")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(config: ModelConfig, dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        # Storing the 4-bit weights in the compute dtype lets FSDP shard them like other parameters.
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def load_model(config: ModelConfig, gradient_checkpointing: bool = False, vocab_size: int | None = None) -> Any:
+    """Load the base model and, for lora/qlora, wrap it in a PEFT LoRA model.
+
+    Args:
+        config: the model settings.
+        gradient_checkpointing: prepare a quantized base for checkpointed training (the Trainer turns
+            checkpointing itself on from its arguments).
+        vocab_size: the tokenizer's size; embeddings are resized only when it exceeds the model's.
+    """
+    dtype = config.torch_dtype()
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    if config.peft_type == PeftType.QLORA.value:
+        kwargs["quantization_config"] = _quantization_config(config, dtype)
+    if config.random_init:
+        from transformers import AutoConfig
+
+        if "quantization_config" in kwargs:
+            raise ValueError("random_init builds an unquantized model; it cannot be combined with peft_type qlora")
+        model_config = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **kwargs)
+
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+        logger.info("resizing the embeddings from %d to %d tokens", model.get_input_embeddings().num_embeddings, vocab_size)
+        model.resize_token_embeddings(vocab_size)
+    if config.peft_type == PeftType.NONE.value:
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.peft_type == PeftType.QLORA.value:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

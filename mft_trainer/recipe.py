@@ -1,0 +1,215 @@
+"""Recipes: one YAML (or MFTCoder JSON) file plus `--key value` overrides -> the run's three configs.
+
+    python scripts/train.py recipe.yaml --learning_rate 1e-4 --max_steps 200
+
+A recipe holds `ModelConfig`, `DataConfig` and `MFTConfig` (TrainingArguments) fields side by side.
+Values are coerced to each field's type, so YAML's `lr: 2e-5` (a string for YAML 1.1) is a float;
+a value that cannot be coerced and an unknown key are errors that name the key and what is expected.
+An MFTCoder JSON train config is translated to these fields, and the mapping is printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import MFTConfig
+from .data_config import DataConfig
+from .modeling import ModelConfig
+
+CONFIG_CLASSES: tuple[type, ...] = (ModelConfig, DataConfig, MFTConfig)
+
+
+class RecipeError(ValueError):
+    """A recipe key or value that cannot be used; the message says which and how to fix it."""
+
+
+@dataclass
+class Recipe:
+    """The parsed configs of a run, and what the parser has to report."""
+
+    model: ModelConfig
+    data: DataConfig
+    training: MFTConfig
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. the MFTCoder key mapping
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _owner_of_keys() -> dict[str, type]:
+    owner: dict[str, type] = {}
+    for cls in CONFIG_CLASSES:
+        for name in _fields(cls):
+            owner.setdefault(name, cls)
+    return owner
+
+
+def _type_options(annotation: Any) -> list[Any]:
+    """The alternatives of a field annotation: `int | None` -> [int, NoneType]."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return list(typing.get_args(annotation))
+    return [annotation]
+
+
+def _convert(value: Any, target: type) -> Any:
+    """Convert a scalar to bool, int or float; raise ValueError when it does not fit."""
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        raise ValueError
+    if isinstance(value, bool):
+        raise ValueError  # true/false is no number
+    if target is int:
+        number = float(value) if isinstance(value, str) and not value.strip().lstrip("+-").isdigit() else value
+        if float(number) != int(float(number)):
+            raise ValueError
+        return int(float(number))
+    return float(value)
+
+
+def coerce_value(key: str, value: Any, annotation: Any) -> Any:
+    """Convert `value` to the field's scalar type (bool, int, float) when it is written otherwise,
+    e.g. YAML's string "2e-5" for a float. Other values are passed as written: the config classes
+    validate them (TrainingArguments converts its own enums and JSON strings).
+
+    Raises:
+        RecipeError: a value that fits none of the field's scalar types.
+    """
+    options = [t for t in _type_options(annotation) if t is not type(None)]
+    scalars = [t for t in (bool, int, float) if t in options]
+    if value is None or not scalars or not isinstance(value, (str, int, float)):
+        return value
+    for target in scalars:
+        try:
+            return _convert(value, target)
+        except (TypeError, ValueError):
+            continue
+    if str in options:
+        return value
+    expected = " or ".join(t.__name__ for t in scalars)
+    raise RecipeError(f"{key}: {value!r} is not a valid {expected}")
+
+
+def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """`--key value` (or `--key=value`, or a bare `--flag` for true) pairs into a dict of raw strings."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise RecipeError(f"unexpected argument {arg!r}: overrides are written --key value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            overrides[key] = value
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides[key] = argv[i + 1]
+            i += 1
+        else:
+            overrides[key] = "true"
+        i += 1
+    return overrides
+
+
+def _parse_override_value(value: Any) -> Any:
+    """Lists and mappings on the command line are written in YAML/JSON flow style: [a, b], {a: 1}."""
+    if isinstance(value, str) and value.strip()[:1] in "[{":
+        return yaml.safe_load(value)
+    return value
+
+
+def load_recipe_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
+    """Read a YAML recipe, or an MFTCoder JSON config (translated); return (values, notes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        values = json.loads(text)
+        from .mftcoder import is_mftcoder_config, translate_mftcoder_config
+
+        if is_mftcoder_config(values):
+            return translate_mftcoder_config(values)
+        return values, []
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, Mapping):
+        raise RecipeError(f"{path}: a recipe is a mapping of key: value, got {type(values).__name__}")
+    return dict(values), []
+
+
+def build_recipe(values: Mapping[str, Any], notes: Sequence[str] = ()) -> Recipe:
+    """Split recipe values among the configs, coerce them, and build the configs.
+
+    Raises:
+        RecipeError: unknown keys (with close matches) or values of the wrong type.
+    """
+    owner = _owner_of_keys()
+    unknown = [key for key in values if key not in owner]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, owner, n=3)
+            hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise RecipeError(f"unknown recipe key(s): {', '.join(hints)}; `--help` lists every key")
+    per_class: dict[type, dict[str, Any]] = {cls: {} for cls in CONFIG_CLASSES}
+    for key, value in values.items():
+        cls = owner[key]
+        annotation = typing.get_type_hints(cls).get(key, Any)
+        per_class[cls][key] = coerce_value(key, value, annotation)
+    try:
+        model = ModelConfig(**per_class[ModelConfig])
+        data = DataConfig(**per_class[DataConfig])
+        training = MFTConfig(**per_class[MFTConfig])
+    except (TypeError, ValueError) as e:
+        raise RecipeError(str(e)) from e
+    return Recipe(model=model, data=data, training=training, notes=list(notes))
+
+
+def parse_recipe(argv: Sequence[str]) -> Recipe:
+    """Parse `[recipe file] [--key value ...]`: the file first, then the overrides on top."""
+    argv = list(argv)
+    values: dict[str, Any] = {}
+    notes: list[str] = []
+    if argv and not argv[0].startswith("--"):
+        values, notes = load_recipe_file(argv.pop(0))
+    for key, value in parse_overrides(argv).items():
+        values[key] = _parse_override_value(value)
+    return build_recipe(values, notes)
+
+
+def help_text() -> str:
+    """Every recipe key with its type, default and help, grouped by config."""
+    lines = ["Recipe keys (YAML file and/or --key value overrides):"]
+    for cls in CONFIG_CLASSES:
+        lines.append(f"\n{cls.__name__}:")
+        hints = typing.get_type_hints(cls)
+        seen = set()
+        for name, f in _fields(cls).items():
+            if cls is MFTConfig and name in seen:
+                continue
+            seen.add(name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                "(computed)" if f.default_factory is dataclasses.MISSING else f.default_factory()
+            )
+            help_ = f.metadata.get("help", "")
+            type_name = getattr(hints.get(name), "__name__", str(hints.get(name))).replace("typing.", "")
+            lines.append(f"  --{name} ({type_name}, default {default!r})\n      {help_}")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Model set-up: full, LoRA and QLoRA (4-bit NF4 through bitsandbytes on the CPU), tokenizer pad."""
+
+import pytest
+import torch
+
+from mft_trainer.modeling import ModelConfig, load_model, load_tokenizer, trainable_parameters
+
+from .conftest import TOKENIZER_DIR
+from .helpers import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tiny_llama(128, seed=0).save_pretrained(path)
+    return str(path)
+
+
+def test_full_fine_tuning_loads_the_plain_model(base_dir):
+    model = load_model(ModelConfig(model_name_or_path=base_dir, dtype="float32"))
+    trainable, total = trainable_parameters(model)
+    assert trainable == total > 0
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_lora_targets_every_linear_layer_but_the_lm_head(base_dir):
+    model = load_model(ModelConfig(model_name_or_path=base_dir, peft_type="lora", lora_rank=4, lora_alpha=8))
+    lora_modules = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert lora_modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable_names and all("lora_" in n for n in trainable_names)
+    assert model.peft_config["default"].r == 4 and model.peft_config["default"].lora_alpha == 8
+
+
+def test_lora_target_modules_can_be_chosen(base_dir):
+    model = load_model(ModelConfig(model_name_or_path=base_dir, peft_type="lora", target_modules=["q_proj", "v_proj"]))
+    lora_modules = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert lora_modules == {"q_proj", "v_proj"}
+
+
+def test_qlora_quantizes_the_base_to_4bit_and_trains(base_dir):
+    pytest.importorskip("bitsandbytes")
+    model = load_model(ModelConfig(model_name_or_path=base_dir, peft_type="qlora", dtype="float32", lora_rank=4),
+                       gradient_checkpointing=True)
+    linear_types = {type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj.base_layer")}
+    assert linear_types == {"Linear4bit"}
+    quant = model.base_model.model.config.quantization_config
+    assert quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    ids = torch.randint(0, 128, (2, 12))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_embeddings_are_resized_only_when_the_tokenizer_is_larger(base_dir):
+    same = load_model(ModelConfig(model_name_or_path=base_dir), vocab_size=100)
+    assert same.get_input_embeddings().num_embeddings == 128
+    bigger = load_model(ModelConfig(model_name_or_path=base_dir), vocab_size=130)
+    assert bigger.get_input_embeddings().num_embeddings == 130
+
+
+def test_random_init_builds_from_the_config_alone(tmp_path, base_dir):
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(base_dir).save_pretrained(tmp_path)  # config.json only, no weights
+    model = load_model(ModelConfig(model_name_or_path=str(tmp_path), random_init=True))
+    assert model.config.vocab_size == 128
+
+
+def test_tokenizer_without_pad_pads_with_eos():
+    tokenizer = load_tokenizer(ModelConfig(model_name_or_path="unused", tokenizer_name_or_path=str(TOKENIZER_DIR)))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 50256
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "model_name_or_path is required"),
+    ({"model_name_or_path": "m", "peft_type": "adapter"}, "peft_type must be one of"),
+    ({"model_name_or_path": "m", "quantization": "4bit"}, "needs peft_type qlora"),
+    ({"model_name_or_path": "m", "peft_type": "qlora", "quantization": "2bit"}, "4bit or 8bit"),
+    ({"model_name_or_path": "m", "dtype": "fp8"}, "dtype must be"),
+    ({"model_name_or_path": "m", "lora_rank": 0}, "lora_rank"),
+])
+def test_model_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert ModelConfig(model_name_or_path="m").trust_remote_code is False

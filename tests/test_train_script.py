@@ -1,0 +1,94 @@
+"""scripts/train.py end to end: the demo recipe, LoRA, two torchrun ranks, and exact resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+
+from mft_trainer import MFTConfig, MFTTrainer, TaskRegistry
+from mft_trainer.collator import DataCollatorForMFT
+
+from .conftest import REPO
+from .test_trainer import free_port
+from .distributed.one_step import make_samples
+from .helpers import tiny_llama
+
+QUICK = ["--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--seq_length", "256",
+         "--per_device_train_batch_size", "2", "--report_to", "[]"]
+
+
+def run_train(args, tmp_path, launcher=(sys.executable,), timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([*launcher, "scripts/train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_demo_recipe_trains_saves_and_reports_per_task_losses(tmp_path):
+    out = tmp_path / "demo"
+    result = run_train(["examples/recipes/demo.yaml", "--output_dir", str(out), *QUICK], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "per-task validation loss" in result.stdout
+    for task in ("code_generation", "code_qa", "multi_round_chat", "code_completion"):
+        assert task in result.stdout.split("per-task validation loss")[1]
+    assert TaskRegistry.load(out).names == ("code_generation", "code_qa", "multi_round_chat", "code_completion")
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert (out / "run_config.yaml").exists()
+    assert "global batch: 2 samples per optimizer step" in result.stderr
+
+
+def test_lora_run_saves_an_adapter(tmp_path):
+    out = tmp_path / "lora"
+    result = run_train(["examples/recipes/demo.yaml", "--output_dir", str(out), "--peft_type", "lora",
+                        "--lora_rank", "4", *QUICK], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_bad_recipe_exits_with_a_clear_error(tmp_path):
+    result = run_train(["examples/recipes/demo.yaml", "--learning_rat", "1"], tmp_path)
+    assert result.returncode == 2
+    assert "did you mean learning_rate" in result.stderr
+
+
+def test_help_lists_recipe_keys(tmp_path):
+    result = run_train(["--help"], tmp_path)
+    assert result.returncode == 0 and "--weighted_loss_mode" in result.stdout and "--peft_type" in result.stdout
+
+
+def test_two_process_torchrun_run(tmp_path):
+    out = tmp_path / "ddp"
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    result = run_train(["examples/recipes/demo.yaml", "--output_dir", str(out), "--ddp_backend", "gloo", *QUICK],
+                       tmp_path, launcher=launcher, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch: 4 samples per optimizer step (2 per device x 1 accumulation x 2 processes)" in result.stderr
+    assert (out / "tasks.json").exists()
+
+
+def train_steps(output_dir, max_steps, resume_from=None):
+    model = tiny_llama(64, seed=0)
+    args = MFTConfig(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2, learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=2,
+                     save_steps=3, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=7)
+    trainer = MFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(make_samples() * 3),
+                         data_collator=DataCollatorForMFT(pad_token_id=0), tasks=TaskRegistry.from_names(["a", "b", "c"]))
+    trainer.train(resume_from_checkpoint=resume_from)
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    return losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_resume_gives_the_uninterrupted_loss_curve_and_weights(tmp_path):
+    full_losses, full_params = train_steps(tmp_path / "full", max_steps=6)
+    train_steps(tmp_path / "interrupted", max_steps=6)  # writes checkpoint-3 on the way
+    resumed_losses, resumed_params = train_steps(tmp_path / "resumed", 6, resume_from=str(tmp_path / "interrupted" / "checkpoint-3"))
+    assert sorted(resumed_losses) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come from the checkpoint's state
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-6), step
+    for name in full_params:
+        torch.testing.assert_close(resumed_params[name], full_params[name], rtol=1e-5, atol=1e-7)
