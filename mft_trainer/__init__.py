@@ -5,6 +5,7 @@
 >>> collator = DataCollatorForMFT(pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 """
 
+from .chat_template import build_chat_template, install_chat_template
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
 from .data_config import DataConfig, OverlengthPolicy
@@ -14,11 +15,19 @@ from .rendering import InferencePrompt, RoleMarkers, build_inference_prompt, ren
 from .summary import DatasetSummary, TaskSummary
 from .tasks import TaskRegistry, resolve_task_sources
 from .trainer import MFTTrainer
+from .inference import ChatSession, Generation, GenerationOptions, generate_answers, load_model_and_tokenizer
 from .losses import LossMode
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChatSession",
+    "Generation",
+    "GenerationOptions",
+    "build_chat_template",
+    "generate_answers",
+    "install_chat_template",
+    "load_model_and_tokenizer",
     "DataCollatorForMFT",
     "DataConfig",
     "DataValidationError",

@@ -191,7 +191,7 @@ def parse_messages(turns: Any, *, last_role: str = "assistant", key: str = "chat
         if message.role != expected:
             raise InvalidRecord(
                 Problem.ROLES_NOT_ALTERNATING,
-                f"{key}[{index}] has role {turns[index]['role']!r} where a {expected} turn was expected; "
+                f"{key}[{index}] has role {turns[index]['role']!r} where {'a user' if expected == 'user' else 'an assistant'} turn was expected; "
                 "roles must alternate user, assistant, user, ... after an optional first system turn",
             )
     if messages[-1].role != last_role:

@@ -199,7 +199,7 @@ def build_inference_prompt(
     parsed = parse_messages(list(messages) if messages is not None else None, last_role="user")
     segments = _dialogue_segments(parsed, RoleMarkers.from_config(role_markers))
     eos_token_id = resolve_eos_token_id(tokenizer, eos_token)
-    eos_text = tokenizer.convert_ids_to_tokens(eos_token_id)
+    eos_text = tokenizer.decode([eos_token_id])  # the text that tokenizes back to EOS (not its vocab spelling)
     text = "".join(s.text + (eos_text if s.ends_with_eos else "") for s in segments)
     input_ids = tokenize_segments([segments], tokenizer, eos_token_id)[0]["input_ids"]
     return InferencePrompt(text=text, input_ids=input_ids)

@@ -21,10 +21,12 @@ import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
 from mft_trainer import MFTTrainer, build_mft_dataset
+from mft_trainer.chat_template import install_chat_template
 from mft_trainer.modeling import load_model, load_tokenizer, trainable_parameters
 from mft_trainer.recipe import RecipeError, help_text, parse_recipe
 
 logger = logging.getLogger("mft_trainer.train")
+RUN_CONFIG_FILE = "run_config.yaml"  # scripts/chat.py reads the prompt format from it
 
 
 def resolve_checkpoint(requested, output_dir: str):
@@ -66,6 +68,8 @@ def main(argv: list[str]) -> int:
 
     # --- data ---
     tokenizer = load_tokenizer(model_config)
+    # Saved with every checkpoint: apply_chat_template then prompts the model exactly as trained.
+    install_chat_template(tokenizer, role_markers=data_config.role_markers, eos_token=data_config.eos_token)
     with args.main_process_first(desc="building the multi-task dataset"):
         data = build_mft_dataset(data_config, tokenizer)
     logger.info("dataset:\n%s", data.summary)
@@ -105,7 +109,7 @@ def main(argv: list[str]) -> int:
             "training": args.to_dict(),
             "dataset_summary": data.summary.to_dict(),
         }
-        with open(f"{args.output_dir}/run_config.yaml", "w") as f:
+        with open(f"{args.output_dir}/{RUN_CONFIG_FILE}", "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
 
     # --- evaluate ---

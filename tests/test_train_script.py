@@ -27,10 +27,17 @@ def run_train(args, tmp_path, launcher=(sys.executable,), timeout=600):
                           timeout=timeout)
 
 
-def test_demo_recipe_trains_saves_and_reports_per_task_losses(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("demo")
     out = tmp_path / "demo"
     result = run_train(["examples/recipes/demo.yaml", "--output_dir", str(out), *QUICK], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_demo_recipe_trains_saves_and_reports_per_task_losses(demo_run):
+    out, result = demo_run
     assert "per-task validation loss" in result.stdout
     for task in ("code_generation", "code_qa", "multi_round_chat", "code_completion"):
         assert task in result.stdout.split("per-task validation loss")[1]
@@ -38,6 +45,24 @@ def test_demo_recipe_trains_saves_and_reports_per_task_losses(tmp_path):
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert (out / "run_config.yaml").exists()
     assert "global batch: 2 samples per optimizer step" in result.stderr
+
+
+def test_saved_tokenizer_prompts_as_trained_and_chat_answers(demo_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from mft_trainer import build_inference_prompt
+
+    out, _ = demo_run
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    conversation = [{"role": "user", "content": "Reverse a string in Python."}]
+    assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == \
+        build_inference_prompt(conversation, tokenizer).text
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    chat = subprocess.run([sys.executable, "scripts/chat.py", "--model", str(out), "--max_new_tokens", "8"],
+                          input="Reverse a string in Python.\n", cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert chat.stdout.strip()  # an answer (a tiny random model's, so no judgement of its content)
 
 
 def test_lora_run_saves_an_adapter(tmp_path):
