@@ -9,3 +9,5 @@ python=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q -e ".[dev]"
+# DeepSpeed builds its ops against the installed torch; an isolated build would fetch another torch.
+.venv/bin/python -c "import deepspeed" 2>/dev/null || pip install -q --no-build-isolation deepspeed

@@ -4,6 +4,7 @@ Used in-process by tests/test_trainer.py (one process, any batch size / accumula
 torchrun with the gloo backend, for two data-parallel ranks:
 
     torchrun --nproc_per_node 2 tests/distributed/one_step.py --out deltas.pt --batch_size 2 --accumulation 2
+    torchrun --nproc_per_node 2 tests/distributed/one_step.py --out deltas.pt --deepspeed ds_configs/zero3.json --dtype float32
 
 With SGD at learning rate 1 and no clipping, the update is minus the gradient of the step's loss,
 so equal updates mean equal gradients.
@@ -12,6 +13,7 @@ so equal updates mean equal gradients.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -46,9 +48,15 @@ def make_samples(seed: int = 0) -> list[dict]:
     return samples
 
 
-def one_step_update(mode: str, batch_size: int, accumulation: int, output_dir: str) -> dict[str, torch.Tensor]:
-    """Train one optimizer step; return {parameter name: new value - old value}."""
-    model = tiny_llama(VOCAB, seed=0, dtype=torch.float64)
+def one_step_update(
+    mode: str, batch_size: int, accumulation: int, output_dir: str, deepspeed: str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """Train one optimizer step; return {parameter name: new value - old value}.
+
+    `deepspeed` is a DeepSpeed config path (ZeRO-3 needs float32: it has no float64 support).
+    """
+    model = tiny_llama(VOCAB, seed=0, dtype=dtype)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     args = MFTConfig(
         output_dir=output_dir,
@@ -69,6 +77,7 @@ def one_step_update(mode: str, batch_size: int, accumulation: int, output_dir: s
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True,
         logging_steps=1,
+        deepspeed=deepspeed,
     )
     trainer = MFTTrainer(
         model=model,
@@ -78,7 +87,13 @@ def one_step_update(mode: str, batch_size: int, accumulation: int, output_dir: s
         tasks=TaskRegistry.from_names(["a", "b", "c"]),
     )
     trainer.train()
-    return {name: p.detach() - before[name] for name, p in trainer.model.named_parameters()}
+    gathered = contextlib.nullcontext()
+    if deepspeed is not None:
+        import deepspeed as ds  # ZeRO-3 keeps only a shard of each parameter per rank
+
+        gathered = ds.zero.GatheredParameters(list(trainer.model.parameters()))
+    with gathered:
+        return {name: p.detach().clone() - before[name] for name, p in trainer.model.named_parameters()}
 
 
 def main() -> None:
@@ -86,11 +101,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=2)
+    parser.add_argument("--deepspeed", help="a DeepSpeed config, e.g. ds_configs/zero2.json")
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     updates = {}
     with tempfile.TemporaryDirectory() as output_dir:
         for mode in MODES:
-            updates[mode] = one_step_update(mode, args.batch_size, args.accumulation, output_dir)
+            updates[mode] = one_step_update(mode, args.batch_size, args.accumulation, output_dir, args.deepspeed, dtype)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     torch.save(updates, args.out)
