@@ -72,17 +72,27 @@ def test_two_ranks_give_the_one_batch_gradient(tmp_path, one_batch_updates):
         assert_same_updates(updates[mode], one_batch_updates[mode], f"{mode} 2 ranks:")
 
 
+@pytest.fixture(scope="module")
+def one_batch_updates_float32(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref32"))
+    return {mode: one_step_update(mode, 8, 1, out, dtype=torch.float32) for mode in MODES}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("config", ["zero2", "zero3"])
-def test_deepspeed_two_ranks_give_the_one_batch_gradient(tmp_path, config):
-    """DeepSpeed ZeRO-2/3 on 2 CPU ranks (float32: ZeRO-3 has no float64) through HF's integration."""
-    pytest.importorskip("deepspeed")
-    reference = {mode: one_step_update(mode, 8, 1, str(tmp_path / "ref"), dtype=torch.float32) for mode in MODES}
-    updates = run_two_ranks(tmp_path, "--deepspeed", f"ds_configs/{config}.json", "--dtype", "float32")
+@pytest.mark.parametrize("backend", ["deepspeed zero2", "deepspeed zero3", "fsdp2"])
+def test_sharded_backends_on_two_ranks_give_the_one_batch_gradient(tmp_path, one_batch_updates_float32, backend):
+    """DeepSpeed ZeRO-2/3 and FSDP2 on 2 CPU ranks through HF's integrations (float32: ZeRO-3 has no float64)."""
+    if backend.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+        extra = ["--deepspeed", f"ds_configs/{backend.split()[1]}.json"]
+    else:
+        extra = ["--fsdp_config", "fsdp_configs/fsdp2.json"]
+    updates = run_two_ranks(tmp_path, *extra, "--dtype", "float32")
+    reference = one_batch_updates_float32
     for mode in MODES:
         for name in reference[mode]:
             torch.testing.assert_close(updates[mode][name], reference[mode][name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{config} {mode} {name}: {m}")
+                                       msg=lambda m: f"{backend} {mode} {name}: {m}")
 
 
 def loss_of_one_batch(model, batch, mode, weights):

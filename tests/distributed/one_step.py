@@ -50,11 +50,12 @@ def make_samples(seed: int = 0) -> list[dict]:
 
 def one_step_update(
     mode: str, batch_size: int, accumulation: int, output_dir: str, deepspeed: str | None = None,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = torch.float64, fsdp_config: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train one optimizer step; return {parameter name: new value - old value}.
 
-    `deepspeed` is a DeepSpeed config path (ZeRO-3 needs float32: it has no float64 support).
+    `deepspeed` is a DeepSpeed config path (ZeRO-3 needs float32: it has no float64 support);
+    `fsdp_config` an FSDP config path (turns FSDP on).
     """
     model = tiny_llama(VOCAB, seed=0, dtype=dtype)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -78,6 +79,8 @@ def one_step_update(
         disable_tqdm=True,
         logging_steps=1,
         deepspeed=deepspeed,
+        fsdp=fsdp_config is not None,
+        fsdp_config=fsdp_config,
     )
     trainer = MFTTrainer(
         model=model,
@@ -93,7 +96,9 @@ def one_step_update(
 
         gathered = ds.zero.GatheredParameters(list(trainer.model.parameters()))
     with gathered:
-        return {name: p.detach().clone() - before[name] for name, p in trainer.model.named_parameters()}
+        # FSDP2 parameters are DTensors: compare their full values.
+        full = {name: p.full_tensor() if hasattr(p, "full_tensor") else p for name, p in trainer.model.named_parameters()}
+        return {name: value.detach().clone() - before[name] for name, value in full.items()}
 
 
 def main() -> None:
@@ -102,13 +107,16 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--deepspeed", help="a DeepSpeed config, e.g. ds_configs/zero2.json")
+    parser.add_argument("--fsdp_config", help="an FSDP config, e.g. fsdp_configs/fsdp2.json")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     updates = {}
     with tempfile.TemporaryDirectory() as output_dir:
         for mode in MODES:
-            updates[mode] = one_step_update(mode, args.batch_size, args.accumulation, output_dir, args.deepspeed, dtype)
+            updates[mode] = one_step_update(
+                mode, args.batch_size, args.accumulation, output_dir, args.deepspeed, dtype, args.fsdp_config
+            )
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     torch.save(updates, args.out)
