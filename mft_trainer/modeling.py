@@ -161,14 +161,27 @@ def load_model(config: ModelConfig, gradient_checkpointing: bool = False, vocab_
 
     if config.peft_type == PeftType.QLORA.value:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    dropout = config.lora_dropout
+    if dropout > 0 and has_fused_experts(model):
+        # PEFT wraps fused expert weights as parameters, which support no dropout; the experts hold
+        # most of an MoE model's weights, so adapting them wins over dropout.
+        logger.warning("the model's experts are fused parameters, which LoRA adapts without dropout: lora_dropout 0")
+        dropout = 0.0
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
+        lora_dropout=dropout,
+        # PEFT's "all-linear": every linear layer except the output layer (and, on MoE models, the experts).
         target_modules=config.target_modules or "all-linear",
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def has_fused_experts(model: torch.nn.Module) -> bool:
+    """Whether the model keeps mixture-of-experts weights as fused 3-D parameters (transformers 5's
+    Mixtral, Qwen-MoE, DeepSeek-V3), which PEFT adapts through parameter wrappers."""
+    return any(p.dim() > 2 for p in model.parameters())
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
