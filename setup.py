@@ -27,6 +27,6 @@ setup(
         "qlora": ["bitsandbytes>=0.45"],
         "flash-attn": ["flash-attn>=2.7"],
         "trl": ["trl>=0.20"],
-        "dev": ["pytest>=8", "tensorboard", "bitsandbytes>=0.45"],
+        "dev": ["pytest>=8", "tensorboard", "bitsandbytes>=0.45", "nbclient", "nbformat", "ipykernel", "matplotlib"],
     },
 )
