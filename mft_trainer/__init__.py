@@ -5,14 +5,15 @@
 >>> collator = DataCollatorForMFT(pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 """
 
+from .attention import PackingError, check_packing_support, default_attn_implementation, probe_packing
 from .chat_template import build_chat_template, install_chat_template
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
-from .data_config import DataConfig, OverlengthPolicy
+from .data_config import DataConfig, OverlengthPolicy, PaddingMode
 from .dataset import MFTDataset, build_mft_dataset
 from .records import DataValidationError, InvalidRecord, Problem, RecordError, parse_record
 from .rendering import InferencePrompt, RoleMarkers, build_inference_prompt, render_conversation
-from .summary import DatasetSummary, TaskSummary
+from .summary import DatasetSummary, PackingSummary, TaskSummary
 from .tasks import TaskRegistry, resolve_task_sources
 from .trainer import MFTTrainer
 from .inference import ChatSession, Generation, GenerationOptions, generate_answers, load_model_and_tokenizer
@@ -21,6 +22,12 @@ from .losses import LossMode
 __version__ = "0.1.0"
 
 __all__ = [
+    "PackingError",
+    "PackingSummary",
+    "PaddingMode",
+    "check_packing_support",
+    "default_attn_implementation",
+    "probe_packing",
     "ChatSession",
     "Generation",
     "GenerationOptions",

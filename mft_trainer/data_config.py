@@ -21,6 +21,35 @@ class OverlengthPolicy(str, Enum):
     TRUNCATE = "truncate"  # the sample is cut to seq_length; dropped (and counted) if no trained token is left
 
 
+class PaddingMode(str, Enum):
+    """How samples become the rows of a batch (docs/packing.md).
+
+    The packed modes (all but `padding`) put several samples in one row. Their batches carry
+    per-token `position_ids` that restart at 0 for every sample and no `attention_mask`, so the
+    attention backend keeps samples apart (DESIGN.md invariant 3).
+    """
+
+    PADDING = "padding"  # one sample per row, padded to the longest of the batch (attention_mask)
+    PACK = "pack"  # whole samples packed best-fit-decreasing into rows of <= seq_length, at build time
+    PADDING_FREE = "padding_free"  # the collator flattens each batch of samples into one row
+    CONCAT = "concat"  # continued pre-training: the token stream cut into full rows; documents may span rows
+
+    @property
+    def is_packed(self) -> bool:
+        """True when a row may hold several samples (position_ids, no attention_mask)."""
+        return self is not PaddingMode.PADDING
+
+    @classmethod
+    def parse(cls, value: str | PaddingMode) -> PaddingMode:
+        """The mode named `value`; the error lists the accepted names."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"padding_mode must be one of {[m.value for m in cls]}, got {value!r} (see docs/packing.md)"
+            ) from None
+
+
 @dataclass
 class DataConfig:
     """Data fields of a run. Each field's `help` is what `--help` shows.
@@ -28,6 +57,7 @@ class DataConfig:
     Groups:
         where: data_paths, valid_data_paths
         samples: seq_length, overlength_policy, role_markers, eos_token, skip_invalid_records
+        batches: padding_mode
         split: data_split, split_seed
         processing: tokenize_num_proc, dataset_cache_dir
     """
@@ -54,13 +84,26 @@ class DataConfig:
             'must be 0). Default "98,2", or "100,0" when valid_data_paths is given.'
         },
     )
-    split_seed: int = field(default=42, metadata={"help": "Seed of the per-task train/validation split."})
+    split_seed: int = field(
+        default=42, metadata={"help": "Seed of the per-task train/validation split and of the packing order."}
+    )
     seq_length: int = field(default=2048, metadata={"help": "Maximum tokens per sample (and per packed row)."})
     overlength_policy: str = field(
         default="drop",
         metadata={
             "help": "Samples longer than seq_length: 'drop' them or 'truncate' them to seq_length (a truncated "
-            "sample with no trained token left is dropped). Both are counted per task in the summary."
+            "sample with no trained token left is dropped). Both are counted per task in the summary. Not used "
+            "by padding_mode 'concat', which splits long documents across rows."
+        },
+    )
+    padding_mode: str = field(
+        default="padding",
+        metadata={
+            "help": "How samples become batches: 'padding' (one sample per row, padded to the longest of the batch), "
+            "'pack' (whole samples packed best-fit-decreasing into rows of seq_length when the dataset is built), "
+            "'padding_free' (each batch flattened into one row by the collator), 'concat' (continued pre-training: "
+            "the token stream cut into full rows of seq_length, documents may span rows). The packed modes give "
+            "position_ids restarting at every sample and no attention_mask; see docs/packing.md."
         },
     )
     role_markers: Optional[dict] = field(
@@ -114,6 +157,7 @@ class DataConfig:
                 'use one of them (with valid_data_paths, leave data_split unset or "100,0")'
             )
         RoleMarkers.from_config(self.role_markers)  # validate early, with the same message as later
+        self.padding_mode = PaddingMode.parse(self.padding_mode).value
         if self.tokenize_num_proc is not None and self.tokenize_num_proc < 1:
             raise ValueError(f"tokenize_num_proc must be >= 1, got {self.tokenize_num_proc!r}")
 
@@ -121,11 +165,17 @@ class DataConfig:
     def valid_fraction(self) -> float:
         return parse_data_split(self.data_split)[1]
 
+    @property
+    def splits_long_samples(self) -> bool:
+        """True when samples longer than seq_length are kept whole and cut across rows (concat)."""
+        return self.padding_mode == PaddingMode.CONCAT.value
+
     def render_settings(self) -> dict[str, Any]:
         """The fields that change how a record becomes tokens (part of the tokenization cache key)."""
         return {
             "seq_length": self.seq_length,
             "overlength_policy": self.overlength_policy,
+            "splits_long_samples": self.splits_long_samples,
             "role_markers": RoleMarkers.from_config(self.role_markers).to_dict(),
             "eos_token": self.eos_token,
         }

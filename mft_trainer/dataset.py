@@ -7,6 +7,11 @@
 >>> print(data.summary)             # per-task samples, tokens, trained tokens, drops, split sizes
 >>> data.train[0].keys()            # dict_keys(['input_ids', 'labels', 'task_id'])
 >>> data.tasks.names                # ('code_qa', 'multi_round_chat')
+>>> collator = data.collator(pad_token_id=tokenizer.eos_token_id)   # matches data.padding_mode
+
+With `DataConfig(padding_mode="pack")` (or "concat") the rows are laid out once here, after the
+split (mft_trainer.packing): `data.train[0].keys()` is then input_ids, labels, task_ids and
+position_ids, and the summary reports how full the rows are.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import datasets
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
 
-from .data_config import DataConfig, OverlengthPolicy
-from .records import DataValidationError, Record, RecordError, read_records
+from .collator import DataCollatorForMFT
 from .constants import IGNORE_INDEX
+from .data_config import DataConfig, OverlengthPolicy, PaddingMode
+from .packing import concat_dataset, pack_dataset
+from .records import DataValidationError, Record, RecordError, read_records
 from .rendering import RoleMarkers, record_segments, resolve_eos_token_id, tokenize_segments
 from .splitting import split_indices
 from .summary import DatasetSummary, TaskSummary
@@ -55,12 +62,23 @@ _TOKENIZED_FEATURES = Features(
 @dataclass
 class MFTDataset:
     """The built dataset: `train` and `valid` (None when no task has validation samples) hold the
-    columns input_ids, labels (-100 where no loss) and task_id; `tasks` maps ids to names."""
+    columns input_ids, labels (-100 where no loss) and task_id; `tasks` maps ids to names.
+
+    With padding_mode "pack" or "concat" each item is a row of several samples instead, with the
+    per-token columns input_ids, labels, task_ids and position_ids (mft_trainer.packing).
+    """
 
     train: Dataset
     valid: Dataset | None
     tasks: TaskRegistry
     summary: DatasetSummary
+    padding_mode: str = PaddingMode.PADDING.value
+
+    def collator(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> DataCollatorForMFT:
+        """The collator for these rows: `DataCollatorForMFT` with this dataset's padding_mode."""
+        return DataCollatorForMFT(
+            pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of, padding_mode=self.padding_mode
+        )
 
 
 class _Tokenizer:
@@ -70,7 +88,8 @@ class _Tokenizer:
         self.tokenizer = tokenizer
         self.markers = markers
         self.eos_token_id = eos_token_id
-        self.seq_length = config.seq_length
+        # concat cuts long documents across rows, so no sample is too long for it.
+        self.max_length = None if config.splits_long_samples else config.seq_length
         self.truncate = config.overlength_policy == OverlengthPolicy.TRUNCATE.value
         self.task_id = task_id
 
@@ -80,9 +99,9 @@ class _Tokenizer:
         out: dict[str, list] = {name: [] for name in _TOKENIZED_FEATURES}
         for sample in tokenize_segments(segments, self.tokenizer, self.eos_token_id):
             input_ids, labels, status = sample["input_ids"], sample["labels"], _STATUS_KEPT
-            if len(input_ids) > self.seq_length:
+            if self.max_length is not None and len(input_ids) > self.max_length:
                 if self.truncate:
-                    input_ids, labels = input_ids[: self.seq_length], labels[: self.seq_length]
+                    input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
                     has_trained = any(label != IGNORE_INDEX for label in labels)
                     status = _STATUS_TRUNCATED if has_trained else _STATUS_NO_TRAINED
                 else:
@@ -247,12 +266,20 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
         if len(valid):
             valid_parts.append(valid)
 
+    train = concatenate_datasets(train_parts)
+    valid = concatenate_datasets(valid_parts) if valid_parts else None
+    summary.padding_mode = config.padding_mode
+    if config.padding_mode in (PaddingMode.PACK.value, PaddingMode.CONCAT.value):
+        # Once, after the split, so that validation samples never share a row with training ones.
+        layout = pack_dataset if config.padding_mode == PaddingMode.PACK.value else concat_dataset
+        cache_dir = _cache_dir(config)
+        train, train_packing = layout(train, config.seq_length, config.split_seed, "train", cache_dir)
+        summary.packing.append(train_packing)
+        if valid is not None:
+            valid, valid_packing = layout(valid, config.seq_length, config.split_seed, "valid", cache_dir)
+            summary.packing.append(valid_packing)
+
     for warning in summary.warnings:
         logger.warning(warning)
-    return MFTDataset(
-        train=concatenate_datasets(train_parts),
-        valid=concatenate_datasets(valid_parts) if valid_parts else None,
-        tasks=tasks,
-        summary=summary,
-    )
+    return MFTDataset(train=train, valid=valid, tasks=tasks, summary=summary, padding_mode=config.padding_mode)
 

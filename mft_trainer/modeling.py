@@ -46,7 +46,11 @@ class ModelConfig:
     )
     attn_implementation: Optional[str] = field(
         default=None,
-        metadata={"help": "Attention backend (sdpa, eager, flex_attention, flash_attention_2, ...); default transformers'."},
+        metadata={
+            "help": "Attention backend: sdpa, eager, flex_attention, flash_attention_2, or torch_varlen (torch's own "
+            "FlashAttention varlen kernel, for packed batches on CUDA). Default: picked for the device and "
+            "padding_mode (docs/packing.md)."
+        },
     )
     random_init: bool = field(
         default=False,

@@ -1,4 +1,5 @@
-"""The dataset summary: per task, what was read, what was kept and what was left out, and why."""
+"""The dataset summary: per task, what was read, what was kept and what was left out, and why; and,
+for the packed modes, how full the rows are."""
 
 from __future__ import annotations
 
@@ -29,6 +30,44 @@ class TaskSummary:
     valid_samples: int = 0
 
 
+@dataclass
+class PackingSummary:
+    """How one split was laid out in rows of `seq_length` (padding_mode pack or concat).
+
+    `samples` whole samples were laid out as `segments` pieces (more segments than samples only in
+    concat mode, where a document may span rows) in `rows` rows holding `tokens` real tokens.
+    """
+
+    split: str  # "train" or "valid"
+    rows: int = 0
+    samples: int = 0
+    segments: int = 0
+    tokens: int = 0
+    seq_length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the rows could hold."""
+        return self.rows * self.seq_length
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / row capacity (1.0 = no padding at all)."""
+        return self.tokens / self.capacity if self.capacity else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "capacity": self.capacity, "efficiency": self.efficiency}
+
+    def __str__(self) -> str:
+        text = (
+            f"{self.split}: {self.samples} samples in {self.rows} rows of {self.seq_length} tokens, "
+            f"{self.tokens} real tokens of {self.capacity} ({100 * self.efficiency:.1f}% efficiency)"
+        )
+        if self.segments > self.samples:
+            text += f", {self.segments - self.samples} documents continued in the next row"
+        return text
+
+
 # (header, attribute) of the printed table, in order.
 _COLUMNS = (
     ("task", "name"),
@@ -47,13 +86,19 @@ _COLUMNS = (
 
 @dataclass
 class DatasetSummary:
-    """What `build_mft_dataset` built; `str(summary)` is the printed table."""
+    """What `build_mft_dataset` built; `str(summary)` is the printed table.
+
+    `packing` has one entry per split laid out in rows at build time (padding_mode pack or concat),
+    empty for padding and padding_free, whose rows are made per batch by the collator.
+    """
 
     tasks: list[TaskSummary]
     seq_length: int
     overlength_policy: str
     data_split: str
     warnings: list[str] = field(default_factory=list)
+    padding_mode: str = "padding"
+    packing: list[PackingSummary] = field(default_factory=list)
 
     @property
     def total(self) -> TaskSummary:
@@ -81,6 +126,8 @@ class DatasetSummary:
             "tasks": [asdict(t) for t in self.tasks],
             "total": asdict(self.total),
             "warnings": list(self.warnings),
+            "padding_mode": self.padding_mode,
+            "packing": [p.to_dict() for p in self.packing],
         }
 
     def __str__(self) -> str:
@@ -104,5 +151,8 @@ class DatasetSummary:
             if task.skipped_reasons:
                 reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(task.skipped_reasons.items()))
                 out.append(f"skipped in {task.name}: {reasons}")
+        if self.padding_mode != "padding":
+            out.append(f"padding_mode {self.padding_mode}" + (":" if self.packing else " (rows made per batch)"))
+            out += [f"  {p}" for p in self.packing]
         out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)

@@ -21,6 +21,7 @@ import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
 from mft_trainer import MFTTrainer, build_mft_dataset
+from mft_trainer.attention import default_attn_implementation  # also registers the torch_varlen backend
 from mft_trainer.chat_template import install_chat_template
 from mft_trainer.modeling import load_model, load_tokenizer, trainable_parameters
 from mft_trainer.recipe import RecipeError, help_text, parse_recipe
@@ -75,6 +76,9 @@ def main(argv: list[str]) -> int:
     logger.info("dataset:\n%s", data.summary)
 
     # --- model ---
+    if model_config.attn_implementation is None:
+        model_config.attn_implementation = default_attn_implementation(data_config.padding_mode)
+        logger.info("attention backend: %s (padding_mode %s)", model_config.attn_implementation, data_config.padding_mode)
     model = load_model(model_config, gradient_checkpointing=args.gradient_checkpointing, vocab_size=len(tokenizer))
     trainable, total = trainable_parameters(model)
     logger.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -88,6 +92,7 @@ def main(argv: list[str]) -> int:
     trainer = MFTTrainer(
         model=model,
         args=args,
+        data_collator=data.collator(pad_token_id=tokenizer.pad_token_id),
         train_dataset=data.train,
         eval_dataset=data.valid,
         processing_class=tokenizer,
