@@ -86,6 +86,7 @@ def test_help_lists_recipe_keys(tmp_path):
     assert result.returncode == 0 and "--weighted_loss_mode" in result.stdout and "--peft_type" in result.stdout
 
 
+@pytest.mark.distributed
 def test_two_process_torchrun_run(tmp_path):
     out = tmp_path / "ddp"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
