@@ -11,6 +11,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
+from .coba import validate_coba_settings
 from .losses import LossMode
 
 
@@ -22,34 +23,92 @@ class MFTConfig(TrainingArguments):
     Loss:
         weighted_loss_mode: how per-token losses become the loss of a step (DESIGN.md, "Loss modes"):
             `case1` (token mean), `case2` (sample mean), `case3` (task-balanced token mean, default),
-            `case4` (task-balanced sample mean); aliases `token`, `sample`, `task`, `task_sample`.
-        task_weights: per-task loss weights by task name (default equal), for case3/case4.
+            `case4` (task-balanced sample mean), `coba` (case3 with self-paced weights, see below);
+            aliases `token`, `sample`, `task`, `task_sample`.
+        task_weights: per-task loss weights by task name (default equal), for case3/case4 (and for
+            coba until `coba_warmup_steps`).
+
+    CoBa (`weighted_loss_mode: coba`, docs/coba.md; names and defaults as in MFTCoder; needs an
+    `eval_dataset` with validation samples of every task):
+        coba_warmup_steps: optimizer steps with the configured weights before CoBa sets them.
+        coba_history_length: validation samples in the slope-fitting window.
+        coba_tau: temperature of the divergence factor.
+        coba_update_interval: optimizer steps between validation samples (and weight updates).
+        coba_sample_valid_num: validation batches per sample.
     """
 
     weighted_loss_mode: str = field(
         default="case3",
         metadata={
             "help": "Loss reduction: case1 (token mean), case2 (sample mean), case3 (task-balanced token mean, "
-            "the default), case4 (task-balanced sample mean); aliases token, sample, task, task_sample."
+            "the default), case4 (task-balanced sample mean), coba (case3 with weights set during training by the "
+            "CoBa convergence balancer; needs an eval dataset); aliases token, sample, task, task_sample."
         },
     )
     task_weights: Optional[dict] = field(
         default=None,
         metadata={
             "help": 'Per-task loss weights by task name, e.g. {"code_qa": 2.0}; tasks not named weigh 1.0. '
-            "Used by case3 and case4."
+            "Used by case3 and case4 (and by coba until coba_warmup_steps)."
+        },
+    )
+    coba_warmup_steps: int = field(
+        default=100,
+        metadata={"help": "coba: optimizer steps trained with the configured task weights before CoBa sets them."},
+    )
+    coba_history_length: int = field(
+        default=200,
+        metadata={"help": "coba: number of validation samples (the latest) over which loss slopes are fitted."},
+    )
+    coba_tau: float = field(
+        default=5.0,
+        metadata={"help": "coba: temperature of the divergence factor; larger reacts faster to a rising loss."},
+    )
+    coba_update_interval: int = field(
+        default=1,
+        metadata={"help": "coba: optimizer steps between validation samples and weight updates."},
+    )
+    coba_sample_valid_num: int = field(
+        default=1,
+        metadata={
+            "help": "coba: validation batches (of per_device_eval_batch_size per rank) measured at each sample."
         },
     )
 
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many evaluations without improvement of metric_for_best_model (default "
+            "eval_loss; e.g. eval_loss/code_qa for one task), as MFTCoder's early_stopping_stall_num. Turns on "
+            "load_best_model_at_end, so the best checkpoint is kept and loaded at the end."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest change of metric_for_best_model that counts as an improvement."}
+    )
+
     def __post_init__(self) -> None:
+        if self.early_stopping_patience is not None:
+            # Before TrainingArguments' own checks, which derive greater_is_better from the metric.
+            if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1:
+                raise ValueError(f"early_stopping_patience must be an integer >= 1, got {self.early_stopping_patience!r}")
+            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+                raise ValueError(
+                    "early_stopping_patience needs evaluation: set eval_strategy: steps with eval_steps (and "
+                    "save_steps a multiple of eval_steps), or eval_strategy: epoch"
+                )
+            self.load_best_model_at_end = True
+            self.metric_for_best_model = self.metric_for_best_model or "eval_loss"
         super().__post_init__()
         mode = LossMode.parse(self.weighted_loss_mode)
-        if mode is LossMode.COBA:
-            raise ValueError(
-                "weighted_loss_mode 'coba' (the self-paced Convergence Balancer) is not available in this "
-                "version; use case3 for a task-balanced loss"
-            )
         self.weighted_loss_mode = mode.value
+        validate_coba_settings(
+            self.coba_warmup_steps,
+            self.coba_history_length,
+            self.coba_tau,
+            self.coba_update_interval,
+            self.coba_sample_valid_num,
+        )
         if self.task_weights is not None:
             if not isinstance(self.task_weights, dict):
                 raise ValueError(f'task_weights must be a mapping task name -> weight, e.g. {{"code_qa": 2.0}}, got {self.task_weights!r}')
@@ -58,7 +117,7 @@ class MFTConfig(TrainingArguments):
                     raise ValueError(f"task_weights[{name!r}] must be a finite number >= 0, got {weight!r}")
             if mode in (LossMode.CASE1, LossMode.CASE2):
                 raise ValueError(
-                    f"task_weights are used by the task-balanced modes (case3, case4) only; weighted_loss_mode is "
+                    f"task_weights are used by the task-balanced modes (case3, case4, coba) only; weighted_loss_mode is "
                     f"{mode.value}"
                 )
         if self.label_smoothing_factor != 0:

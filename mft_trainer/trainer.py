@@ -14,18 +14,30 @@ divided by those step-wide counts, so the contributions add up to the loss of th
 it were one batch. Data-parallel backends average gradients over ranks, so each rank's contribution
 is multiplied by the number of ranks; the Trainer must not divide it again by the accumulation steps
 (`loss_is_scaled_for_ga = True`).
+
+With `weighted_loss_mode: coba`, a callback drives the CoBa balancer (mft_trainer/coba.py, docs/coba.md):
+it measures the per-task validation losses before training and after every `coba_update_interval`
+optimizer steps, and the weights it returns feed the case3 reduction of the following steps. The
+balancer's state is saved beside the model in every checkpoint (`coba_state.json`) and restored by
+`train(resume_from_checkpoint=...)`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast
 from torch import nn
-from transformers import Trainer
-from transformers.trainer_utils import EvalLoopOutput
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers.trainer_utils import EvalLoopOutput, TrainOutput, get_last_checkpoint
 
+from .attention import check_packing_support
+from .coba import CoBaBalancer, ValidationStream
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
 from .losses import (
@@ -43,6 +55,14 @@ from .tasks import TaskRegistry
 DATASET_COLUMNS = ["input_ids", "labels", "task_id", "task_ids", "segment_ids", "position_ids", "attention_mask"]
 # Batch keys that feed the loss and never reach the model's forward.
 LOSS_KEYS = ("labels", "task_ids", "segment_ids")
+# The CoBa balancer's state, saved beside the model in every checkpoint.
+COBA_STATE_FILE = "coba_state.json"
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
 
 
 class MFTTrainer(Trainer):
@@ -59,7 +79,13 @@ class MFTTrainer(Trainer):
 
     Metrics: training logs add `loss/<task>` (token-mean cross-entropy of each task over the logging
     window, all ranks); evaluation gives `eval_loss` (the configured mode, computed over the whole
-    evaluation set) and `eval_loss/<task>`, usable as `metric_for_best_model`.
+    evaluation set) and `eval_loss/<task>`, usable as `metric_for_best_model`. With coba, training
+    logs also carry `coba_weight/<task>` (the weights of the next steps) and `coba_valid_loss/<task>`
+    (the validation loss CoBa measured over the logging window), and `eval_loss` uses the configured
+    task weights, so that it stays comparable from one evaluation to the next.
+
+    Raises:
+        ValueError: coba without an `eval_dataset` (CoBa needs validation samples of every task).
     """
 
     # compute_loss normalises by the counts of the whole optimizer step (see the module docstring).
@@ -83,7 +109,10 @@ class MFTTrainer(Trainer):
         if not isinstance(args, MFTConfig):
             raise TypeError(f"MFTTrainer needs args=MFTConfig(...), got {type(args).__name__}")
         if data_collator is None:
-            data_collator = DataCollatorForMFT(pad_token_id=_pad_token_id(processing_class))
+            # Rows packed by build_mft_dataset carry position_ids; they need the packing collator.
+            columns = getattr(train_dataset if train_dataset is not None else eval_dataset, "column_names", None) or []
+            padding_mode = "pack" if "position_ids" in columns else "padding"
+            data_collator = DataCollatorForMFT(pad_token_id=_pad_token_id(processing_class), padding_mode=padding_mode)
         super().__init__(
             model=model,
             args=args,
@@ -95,6 +124,10 @@ class MFTTrainer(Trainer):
         )
         # The model gets no labels and computes no loss, so the Trainer's own token counting is moot.
         self.model_accepts_loss_kwargs = False
+        # Refuse, before any step, a model/backend that would let packed samples attend to each other.
+        check_packing_support(self.model, getattr(self.data_collator, "padding_mode", "padding"))
+        if args.early_stopping_patience is not None:
+            self.add_callback(EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold))
         self.tasks = tasks.with_weights(args.task_weights) if args.task_weights else tasks
         self.loss_mode = LossMode.parse(args.weighted_loss_mode)
         self._task_weights = torch.tensor(self.tasks.weights, dtype=torch.float32)
@@ -102,6 +135,9 @@ class MFTTrainer(Trainer):
         self._micro_batches_in_step = 1
         self._train_sums: torch.Tensor | None = None  # [2, T]: token loss sums, trained tokens (logging window)
         self._eval_sums: torch.Tensor | None = None  # [4, T]: token loss sums, sample-mean sums, tokens, samples
+        self.coba: CoBaBalancer | None = None
+        if self.loss_mode is LossMode.COBA:
+            self._init_coba(eval_dataset)
 
     @property
     def num_tasks(self) -> int:
@@ -110,6 +146,20 @@ class MFTTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
             self._signature_columns = list(DATASET_COLUMNS)
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """The Trainer's step, stopped at the first non-finite loss: before the optimizer applies its
+        gradient, so no checkpoint holds weights it has damaged."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"the loss is {loss.item()} at optimizer step {self.state.global_step + 1}: training stopped before "
+                "the optimizer applied it (the last checkpoint is intact). Lower learning_rate, use bf16 instead of "
+                "fp16, or set max_grad_norm; resume_from_checkpoint continues from the last checkpoint."
+            )
+        return loss
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -144,16 +194,15 @@ class MFTTrainer(Trainer):
         batch_counts = count_normalizers(
             [{"labels": labels, "task_ids": task_ids, "segment_ids": segment_ids}], self.num_tasks
         )
-        weights = self._task_weights.to(per_token.device)
-
         if model.training:
             normalizers = self._step_normalizers if self._step_normalizers is not None else batch_counts
+            weights = (self._task_weights if self.coba is None else self._coba_weights).to(per_token.device)
             loss = combine_task_sums(sums, self.loss_mode, normalizers, weights)
             # Data-parallel backends average gradients over ranks; the step loss is their sum.
             loss = loss * self.accelerator.num_processes
             self._add_train_sums(torch.stack([sums[0].detach().float(), batch_counts.tokens_per_task]))
         else:
-            loss = combine_task_sums(sums, self.loss_mode, batch_counts, weights)
+            loss = combine_task_sums(sums, self.loss_mode, batch_counts, self._task_weights.to(per_token.device))
             self._add_eval_sums(torch.cat([sums.detach().float(), batch_counts.stacked()]))
 
         aux_loss = getattr(outputs, "aux_loss", None)
@@ -184,6 +233,8 @@ class MFTTrainer(Trainer):
                 if sums[1, task_id] > 0:
                     logs[f"loss/{name}"] = (sums[0, task_id] / sums[1, task_id]).item()
             self._train_sums = None
+            if self.coba is not None:
+                self._add_coba_logs(logs)
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -216,10 +267,186 @@ class MFTTrainer(Trainer):
         return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as the Trainer does, plus the task registry (`tasks.json`) beside the model."""
+        """Save as the Trainer does, plus the task registry (`tasks.json`) beside the model, and with
+        coba the balancer's state (`coba_state.json`). The Trainer saves every checkpoint through
+        here, before its `trainer_state.json`, so a complete checkpoint always has both."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            self.tasks.save(output_dir or self.args.output_dir)
+            output_dir = output_dir or self.args.output_dir
+            self.tasks.save(output_dir)
+            if self.coba is not None:
+                with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(self.coba.state_dict(), f)
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
+        """`Trainer.train`; with coba, also restores the balancer from the checkpoint resumed from
+        (or starts it afresh: a new run measures L_i(0) on the model it starts from)."""
+        if self.coba is not None:
+            if resume_from_checkpoint is True:
+                # Resolve "the last checkpoint" here, so that the Trainer and CoBa restore the same one
+                # (when there is none, True goes on and the Trainer raises its error).
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+            self._restore_coba(resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    # ---- CoBa ------------------------------------------------------------------------------------
+
+    def _init_coba(self, eval_dataset: Any) -> None:
+        if eval_dataset is None:
+            raise ValueError(
+                "weighted_loss_mode 'coba' needs an eval_dataset: CoBa weights the tasks by the slopes of their "
+                "validation losses. Pass eval_dataset=data.valid (build_mft_dataset with a data_split that keeps a "
+                "validation part, e.g. '95,5', or valid_data_paths), or use weighted_loss_mode 'case3'"
+            )
+        map_style = hasattr(eval_dataset, "__len__") and hasattr(eval_dataset, "__getitem__")
+        if isinstance(eval_dataset, dict) or not map_style:
+            raise ValueError(
+                "weighted_loss_mode 'coba' needs one map-style eval_dataset (with len and indexing, like "
+                f"build_mft_dataset(...).valid), got {type(eval_dataset).__name__}"
+            )
+        if len(eval_dataset) == 0:
+            raise ValueError("weighted_loss_mode 'coba' needs validation samples, but eval_dataset is empty")
+        args = self.args
+        self.coba = CoBaBalancer(
+            self.num_tasks,
+            initial_weights=self.tasks.weights,
+            warmup_steps=args.coba_warmup_steps,
+            history_length=args.coba_history_length,
+            tau=args.coba_tau,
+            update_interval=args.coba_update_interval,
+        )
+        self._sync_coba_weights()
+        self._coba_log_sums: torch.Tensor | None = None  # [2, T]: validation loss sums, tokens (logging window)
+        self._coba_stream: ValidationStream | None = None
+        self.add_callback(_CoBaCallback(self))
+
+    def _sync_coba_weights(self) -> None:
+        """Set the weights compute_loss uses: until CoBa's first update the configured task weights
+        themselves, so that a coba run is exactly case3 during warmup."""
+        self._coba_weights = self._task_weights if self.coba.num_updates == 0 else self.coba.weights.float()  # [T]
+
+    def _restore_coba(self, checkpoint: str | None) -> None:
+        """Load the balancer's state from `checkpoint`, or reset it (L_i(0) is then measured at train begin)."""
+        self.coba.reset()
+        self._coba_log_sums = None
+        if checkpoint is not None:
+            path = os.path.join(checkpoint, COBA_STATE_FILE)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    self.coba.load_state_dict(json.load(f))
+            else:
+                logger.warning(
+                    "%s has no %s (not saved by a coba run): CoBa starts afresh, measuring the initial "
+                    "validation losses on the resumed model", checkpoint, COBA_STATE_FILE,
+                )
+        self._sync_coba_weights()
+
+    def _coba_validation_stream(self) -> ValidationStream:
+        if self._coba_stream is None:
+            # Same columns as the Trainer's own evaluation batches.
+            self._coba_dataset = self._remove_unused_columns(self.eval_dataset, description="CoBa validation")
+            self._coba_stream = ValidationStream(
+                size=len(self._coba_dataset),
+                batch_size=self.args.per_device_eval_batch_size,
+                num_ranks=self.accelerator.num_processes,
+                rank=self.accelerator.process_index,
+                seed=self.args.seed,
+            )
+        return self._coba_stream
+
+    def _coba_measure(self, batches: list[list[int]]) -> torch.Tensor:
+        """Per-task validation loss sums and trained tokens over `batches` (rows of the eval dataset; an
+        empty batch runs one row and counts nothing), summed over ranks.
+
+        Returns:
+            ``[2, T]`` float64 on every rank the same: token loss sums, trained tokens.
+        """
+        model = self.model  # as the Trainer's evaluation inside training: unwrapped DDP, wrapped FSDP/DeepSpeed
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(2, self.num_tasks, dtype=torch.float64, device=self.args.device)
+        try:
+            for rows in batches:
+                inputs = self._prepare_inputs(self.data_collator([self._coba_dataset[i] for i in rows or [0]]))
+                labels, task_ids, segment_ids = (inputs.pop(key) for key in LOSS_KEYS)
+                # No gradient and no graph: these forwards are CoBa's only cost.
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    logits = model(**inputs, use_cache=False).logits
+                per_token = per_token_cross_entropy(logits, labels)  # [B, L]
+                if rows:
+                    token_sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)[0]  # [T]
+                    counts = count_normalizers(
+                        [{"labels": labels, "task_ids": task_ids, "segment_ids": segment_ids}], self.num_tasks
+                    )
+                    totals += torch.stack([token_sums.double(), counts.tokens_per_task.double()])
+        finally:
+            model.train(was_training)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+            # The balancer's state must be identical on every rank: take rank 0's bits rather than rely
+            # on every backend's all-reduce giving the same last bit everywhere.
+            totals = broadcast(totals, from_process=0)
+        return totals
+
+    def _coba_on_train_begin(self) -> None:
+        if self.coba.initial_losses is not None:  # restored from the checkpoint
+            return
+        stream = self._coba_validation_stream()
+        totals = self._coba_measure(stream.full_pass())  # [2, T]
+        missing = [name for task_id, name in enumerate(self.tasks.names) if totals[1, task_id] == 0]
+        if missing:
+            raise ValueError(
+                f"weighted_loss_mode 'coba' needs validation samples of every task, but task(s) {missing} have no "
+                "trained token in eval_dataset; give them a validation part (a larger data_split validation "
+                "share or valid_data_paths) or remove them"
+            )
+        initial = totals[0] / totals[1]
+        self.coba.set_initial_losses(initial.cpu())
+        self._sync_coba_weights()
+        self.log({f"coba_valid_loss/{name}": initial[task_id].item() for task_id, name in enumerate(self.tasks.names)})
+
+    def _coba_on_step_end(self, step: int) -> None:
+        if not self.coba.should_sample(step):
+            return
+        stream = self._coba_validation_stream()
+        draws_per_sample = self.args.coba_sample_valid_num
+        first_draw = self.coba.num_samples * draws_per_sample  # draws continue where the last sample ended
+        totals = self._coba_measure([stream.draw(k) for k in range(first_draw, first_draw + draws_per_sample)])
+        # Token mean over the sample's batches and ranks; NaN (missing) for a task absent from all of them.
+        losses = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1), torch.nan).cpu()  # [T]
+        self.coba.record(step, losses)
+        self._sync_coba_weights()
+        self._coba_log_sums = totals if self._coba_log_sums is None else self._coba_log_sums + totals
+
+    def _add_coba_logs(self, logs: dict[str, float]) -> None:
+        """`coba_weight/<task>` and `coba_valid_loss/<task>` (over the logging window); identical on all ranks."""
+        weights = self.coba.weights
+        sums = self._coba_log_sums
+        for task_id, name in enumerate(self.tasks.names):
+            logs[f"coba_weight/{name}"] = weights[task_id].item()
+            if sums is not None and sums[1, task_id] > 0:
+                logs[f"coba_valid_loss/{name}"] = (sums[0, task_id] / sums[1, task_id]).item()
+        self._coba_log_sums = None
+
+
+class _CoBaCallback(TrainerCallback):
+    """Runs CoBa at the Trainer's step boundaries: L_i(0) at train begin, a validation sample (and a
+    weight update when due) after each optimizer step, before that step's logging and checkpoint,
+    so that checkpoint-N holds the weights of step N + 1."""
+
+    def __init__(self, trainer: MFTTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._coba_on_train_begin()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._coba_on_step_end(state.global_step)
 
 
 def _pad_token_id(tokenizer: Any) -> int:
