@@ -7,53 +7,56 @@
 
 from .attention import PackingError, check_packing_support, default_attn_implementation, probe_packing
 from .chat_template import build_chat_template, install_chat_template
+from .coba import CoBaBalancer
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
 from .data_config import DataConfig, OverlengthPolicy, PaddingMode
 from .dataset import MFTDataset, build_mft_dataset
+from .inference import ChatSession, Generation, GenerationOptions, generate_answers, load_model_and_tokenizer
+from .losses import LossMode
 from .records import DataValidationError, InvalidRecord, Problem, RecordError, parse_record
 from .rendering import InferencePrompt, RoleMarkers, build_inference_prompt, render_conversation
 from .summary import DatasetSummary, PackingSummary, TaskSummary
 from .tasks import TaskRegistry, resolve_task_sources
-from .trainer import MFTTrainer
-from .inference import ChatSession, Generation, GenerationOptions, generate_answers, load_model_and_tokenizer
-from .losses import LossMode
+from .trainer import MFTTrainer, NonFiniteLossError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PackingError",
-    "PackingSummary",
-    "PaddingMode",
-    "check_packing_support",
-    "default_attn_implementation",
-    "probe_packing",
     "ChatSession",
-    "Generation",
-    "GenerationOptions",
-    "build_chat_template",
-    "generate_answers",
-    "install_chat_template",
-    "load_model_and_tokenizer",
+    "CoBaBalancer",
     "DataCollatorForMFT",
     "DataConfig",
     "DataValidationError",
     "DatasetSummary",
+    "Generation",
+    "GenerationOptions",
     "InferencePrompt",
     "InvalidRecord",
     "LossMode",
     "MFTConfig",
-    "MFTTrainer",
     "MFTDataset",
+    "MFTTrainer",
+    "NonFiniteLossError",
     "OverlengthPolicy",
+    "PackingError",
+    "PackingSummary",
+    "PaddingMode",
     "Problem",
     "RecordError",
     "RoleMarkers",
     "TaskRegistry",
     "TaskSummary",
+    "build_chat_template",
     "build_inference_prompt",
     "build_mft_dataset",
+    "check_packing_support",
+    "default_attn_implementation",
+    "generate_answers",
+    "install_chat_template",
+    "load_model_and_tokenizer",
     "parse_record",
+    "probe_packing",
     "render_conversation",
     "resolve_task_sources",
 ]
