@@ -177,3 +177,15 @@ def test_every_example_recipe_parses(tmp_path):
             continue  # data settings only, for scripts/prepare_data.py
         recipe = parse_recipe([str(path), "--use_cpu", "--output_dir", str(tmp_path / path.stem)])
         assert recipe.model.model_name_or_path, path.name
+
+
+def test_configuration_reference_is_up_to_date():
+    """docs/configuration.md is generated from the config classes; regenerate it when a field changes."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    result = subprocess.run([sys.executable, "scripts/make_config_docs.py", "--check"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
