@@ -33,6 +33,19 @@ def show_sample(input_ids: list[int], labels: list[int], tokenizer) -> str:
     return "".join(out)
 
 
+def iter_samples(dataset):
+    """(input_ids, labels, task_id) of every sample, also inside packed rows (a sample starts where
+    its position_ids are 0)."""
+    for row in dataset:
+        if "position_ids" not in row:
+            yield row["input_ids"], row["labels"], row["task_id"]
+            continue
+        starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["input_ids"])]
+        for start, end in zip(starts, starts[1:]):
+            if row["task_ids"][start] >= 0:  # padding at the end of a row has no task
+                yield row["input_ids"][start:end], row["labels"][start:end], row["task_ids"][start]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="YAML recipe with the data settings")
@@ -54,11 +67,17 @@ def main() -> int:
     data = build_mft_dataset(config, tokenizer)
     print(data.summary)
 
-    for task_id, name in enumerate(data.tasks.names):
-        rows = [row for row in data.train.select(range(len(data.train))) if row["task_id"] == task_id]
-        for row in rows[: args.show_samples]:
-            print(f"\n--- {name} ({len(row['input_ids'])} tokens; trained spans in {TRAINED_OPEN}{TRAINED_CLOSE}) ---")
-            print(show_sample(row["input_ids"], row["labels"], tokenizer))
+    if args.show_samples:
+        shown = {task_id: 0 for task_id in range(len(data.tasks))}
+        for input_ids, labels, task_id in iter_samples(data.train):
+            if shown[task_id] >= args.show_samples:
+                if all(count >= args.show_samples for count in shown.values()):
+                    break
+                continue
+            shown[task_id] += 1
+            name = data.tasks.name_of(task_id)
+            print(f"\n--- {name} ({len(input_ids)} tokens; trained spans in {TRAINED_OPEN}{TRAINED_CLOSE}) ---")
+            print(show_sample(input_ids, labels, tokenizer))
 
     if args.save_to:
         out = Path(args.save_to)

@@ -23,3 +23,17 @@ def test_prepare_data_prints_summary_samples_and_saves(tmp_path):
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["total"]["samples"] == 100
     assert json.loads((tmp_path / "out" / "tasks.json").read_text())["tasks"][0]["name"] == "code_generation"
+
+
+def test_prepare_data_shows_samples_of_packed_rows(tmp_path):
+    recipe = tmp_path / "packed.yaml"
+    recipe.write_text((REPO / "examples/recipes/demo_data.yaml").read_text() + "padding_mode: pack\n")
+    result = subprocess.run(
+        [sys.executable, "scripts/prepare_data.py", str(recipe), "--show_samples", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={"HF_DATASETS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "padding_mode pack:" in result.stdout and "efficiency" in result.stdout
+    for task in ("code_generation", "code_qa", "multi_round_chat", "code_completion"):
+        assert result.stdout.count(f"--- {task} (") == 1  # one sample per task, cut out of the packed rows
