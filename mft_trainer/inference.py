@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .records import InvalidRecord, Problem, RecordError, iter_jsonl_lines
+from .records import InvalidRecord, Problem, RecordError, iter_jsonl_lines, single_turn_context
 from .rendering import InferencePrompt, RoleMarkers, build_inference_prompt, resolve_eos_token_id
 
 logger = logging.getLogger(__name__)
@@ -377,14 +377,9 @@ def record_messages(record: Any) -> list[dict[str, str]]:
             )
         return record["chat_rounds"]  # checked by build_inference_prompt
     if set(prompt_keys) == {"instruction", "input"}:
-        prompt = _prompt_text(record, "instruction")
-        extra = record["input"]
-        if not isinstance(extra, str):
-            raise InvalidRecord(Problem.NON_STRING_CONTENT, f"'input' is {type(extra).__name__}, expected a string")
-        if extra.strip():
-            prompt = f"{prompt}\n\n{extra}"
+        prompt_key = "instruction"  # joined with its input, as in training
     elif len(prompt_keys) == 1:
-        prompt = _prompt_text(record, prompt_keys[0])
+        prompt_key = prompt_keys[0]
     elif not prompt_keys:
         raise InvalidRecord(
             Problem.UNKNOWN_FORMAT,
@@ -393,22 +388,7 @@ def record_messages(record: Any) -> list[dict[str, str]]:
         )
     else:
         raise InvalidRecord(Problem.AMBIGUOUS_FORMAT, f"record has several prompt keys {prompt_keys}; keep exactly one")
-    messages = [{"role": "user", "content": prompt}]
-    system = record.get("system")
-    # As in training: an empty or null system field means "no system prompt".
-    if system is not None and not (isinstance(system, str) and not system.strip()):
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
-
-
-def _prompt_text(record: Mapping[str, Any], key: str) -> str:
-    value = record[key]
-    if not isinstance(value, str):
-        kind = type(value).__name__
-        raise InvalidRecord(Problem.NON_STRING_CONTENT, f"'{key}' is {kind}, expected a non-empty string")
-    if not value.strip():
-        raise InvalidRecord(Problem.EMPTY_CONTENT, f"'{key}' is empty, expected a non-empty string")
-    return value
+    return [{"role": m.role, "content": m.content} for m in single_turn_context(record, prompt_key)]
 
 
 class BatchInputError(ValueError):

@@ -28,6 +28,8 @@ from .data_config import DataConfig
 from .modeling import ModelConfig
 
 CONFIG_CLASSES: tuple[type, ...] = (ModelConfig, DataConfig, MFTConfig)
+# The resolved recipe that scripts/train.py saves beside the model; chat.py reads its prompt format.
+RUN_CONFIG_FILE = "run_config.yaml"
 
 
 class RecipeError(ValueError):

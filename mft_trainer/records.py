@@ -231,25 +231,34 @@ def parse_record(record: Any) -> Record:
     if "text" in record:
         return Record(RecordFormat.TEXT, text=_check_content(record["text"], "'text'"))
 
-    if is_alpaca:
-        prompt = _check_content(record["instruction"], "'instruction'")
+    prompt_key, answer_key = ("instruction", "output") if is_alpaca else pairs[0]
+    context = single_turn_context(record, prompt_key)
+    answer = _check_content(record[answer_key], f"'{answer_key}'")
+    return Record(RecordFormat.SINGLE_TURN, (*context, Message("assistant", answer)))
+
+
+def single_turn_context(record: Mapping[str, Any], prompt_key: str) -> list[Message]:
+    """The turns before the answer of a single-turn record: an optional system turn, then the user
+    turn from `prompt_key`. Training and inference both build their prompts with it.
+
+    An instruction with a non-empty `input` (Alpaca) is joined to it after a blank line, so that
+    neither field is lost; an empty or null `system` (common in exported data) means no system turn.
+
+    Raises:
+        InvalidRecord: a prompt, input or system that is not a (non-empty) string.
+    """
+    prompt = _check_content(record[prompt_key], f"'{prompt_key}'")
+    if prompt_key == "instruction" and "input" in record:
         extra = record["input"]
         if not isinstance(extra, str):
             raise InvalidRecord(Problem.NON_STRING_CONTENT, f"'input' is {type(extra).__name__}, expected a string")
         if extra.strip():
             prompt = f"{prompt}\n\n{extra}"
-        answer_key = "output"
-    else:
-        prompt_key, answer_key = pairs[0]
-        prompt = _check_content(record[prompt_key], f"'{prompt_key}'")
-    answer = _check_content(record[answer_key], f"'{answer_key}'")
-
-    messages = [Message("user", prompt), Message("assistant", answer)]
+    messages = [Message("user", prompt)]
     system = record.get("system")
-    # An empty or null system field is common in exported data and means "no system prompt".
     if system is not None and not (isinstance(system, str) and not system.strip()):
         messages.insert(0, Message("system", _check_content(system, "'system'")))
-    return Record(RecordFormat.SINGLE_TURN, tuple(messages))
+    return messages
 
 
 @dataclass

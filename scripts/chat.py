@@ -42,6 +42,7 @@ from mft_trainer.inference import (
     run_batch,
     run_interactive,
 )
+from mft_trainer.recipe import RUN_CONFIG_FILE
 from mft_trainer.rendering import RoleMarkers
 
 logger = logging.getLogger("chat")
@@ -60,7 +61,7 @@ def json_object(value: str) -> dict:
 
 def training_prompt_format(model_dir: str) -> dict:
     """role_markers and eos_token of the training run, from the run_config.yaml that train.py saves."""
-    path = Path(model_dir) / "run_config.yaml"
+    path = Path(model_dir) / RUN_CONFIG_FILE
     if not path.is_file():
         return {"role_markers": None, "eos_token": None}
     data = (yaml.safe_load(path.read_text()) or {}).get("data", {})

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mft_trainer.chat_template import install_chat_template, is_mft_chat_template
 from mft_trainer.inference import DTYPE_CHOICES, adapter_base_model, is_adapter_dir, load_model_and_tokenizer
+from mft_trainer.recipe import RUN_CONFIG_FILE
 from mft_trainer.tasks import TASKS_FILE
 
 logger = logging.getLogger("merge_lora")
@@ -70,7 +71,7 @@ def main() -> int:
     # prompt format scripts/chat.py reads).
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    for name in (TASKS_FILE, "run_config.yaml"):
+    for name in (TASKS_FILE, RUN_CONFIG_FILE):
         if (Path(args.adapter) / name).is_file():
             shutil.copy2(Path(args.adapter) / name, output_dir / name)
     logger.info("saved the merged model to %s", output_dir)

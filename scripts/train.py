@@ -24,10 +24,9 @@ from mft_trainer import MFTTrainer, build_mft_dataset
 from mft_trainer.attention import default_attn_implementation  # also registers the torch_varlen backend
 from mft_trainer.chat_template import install_chat_template
 from mft_trainer.modeling import load_model, load_tokenizer, trainable_parameters
-from mft_trainer.recipe import RecipeError, help_text, parse_recipe
+from mft_trainer.recipe import RUN_CONFIG_FILE, RecipeError, help_text, parse_recipe
 
 logger = logging.getLogger("mft_trainer.train")
-RUN_CONFIG_FILE = "run_config.yaml"  # scripts/chat.py reads the prompt format from it
 
 
 def resolve_checkpoint(requested, output_dir: str):

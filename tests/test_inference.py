@@ -328,3 +328,17 @@ def test_chat_script_interactive_mode_keeps_history_until_reset_and_exits(loaded
     assert result.stdout == (
         f"{answers[0].text}{cut}\n\n{answers[1].text}{cut}\n\n(conversation reset)\n{answers[2].text}{cut}\n\n"
     )
+
+
+def test_single_turn_prompts_are_the_training_prompts(tokenizer):
+    """Batch-inference prompts of single-turn records equal the untrained part of the training sample."""
+    from mft_trainer import build_inference_prompt, render_conversation
+    from mft_trainer.inference import record_messages
+
+    for record in ({"instruction": "Sum.", "input": "[1, 2]", "response": "3", "system": "Be brief."},
+                   {"instruction": "Sum.", "input": "[1, 2]", "output": "3"},
+                   {"question": "Why?", "answer": "Because.", "system": ""}):
+        trained = render_conversation(record, tokenizer)
+        prompt = build_inference_prompt(record_messages(record), tokenizer)
+        first_trained = next(i for i, label in enumerate(trained["labels"]) if label != -100)
+        assert trained["input_ids"][:first_trained] == prompt.input_ids, record
