@@ -7,6 +7,7 @@
 
 from .attention import PackingError, check_packing_support, default_attn_implementation, probe_packing
 from .chat_template import build_chat_template, install_chat_template
+from .chunked_loss import OutputHeadLoss, linear_cross_entropy
 from .coba import CoBaBalancer
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
@@ -23,6 +24,8 @@ from .trainer import MFTTrainer, NonFiniteLossError
 __version__ = "0.1.0"
 
 __all__ = [
+    "OutputHeadLoss",
+    "linear_cross_entropy",
     "ChatSession",
     "CoBaBalancer",
     "DataCollatorForMFT",

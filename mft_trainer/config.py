@@ -14,6 +14,8 @@ from transformers import TrainingArguments
 from .coba import validate_coba_settings
 from .losses import LossMode
 
+LOSS_IMPLEMENTATIONS = ("auto", "chunked", "plain")
+
 
 @dataclass
 class MFTConfig(TrainingArguments):
@@ -27,6 +29,10 @@ class MFTConfig(TrainingArguments):
             aliases `token`, `sample`, `task`, `task_sample`.
         task_weights: per-task loss weights by task name (default equal), for case3/case4 (and for
             coba until `coba_warmup_steps`).
+        loss_implementation: `auto` (default), `chunked` or `plain`: whether per-token cross-entropy is
+            computed from the hidden states a chunk at a time (mft_trainer/chunked_loss.py) or from the
+            model's full logits.
+        loss_chunk_size: positions per chunk of the chunked loss (0: automatic).
 
     CoBa (`weighted_loss_mode: coba`, docs/coba.md; names and defaults as in MFTCoder; needs an
     `eval_dataset` with validation samples of every task):
@@ -75,6 +81,23 @@ class MFTConfig(TrainingArguments):
         },
     )
 
+    loss_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "How per-token cross-entropy is computed: chunked (from the hidden states, a chunk of positions "
+            "at a time and only where there is a target, never materialising the full logits: the same losses and "
+            "gradients with far less memory), plain (the model's full logits), or auto (chunked when the model's "
+            "output layer is a plain Linear whose output is the logits unchanged, which is checked on the model at "
+            "the first step, else plain)."
+        },
+    )
+    loss_chunk_size: int = field(
+        default=0,
+        metadata={
+            "help": "chunked loss: positions per chunk; 0 picks about 1 GiB of chunk buffers (880 positions at a "
+            "152k vocabulary)."
+        },
+    )
     early_stopping_patience: Optional[int] = field(
         default=None,
         metadata={
@@ -100,6 +123,12 @@ class MFTConfig(TrainingArguments):
             self.load_best_model_at_end = True
             self.metric_for_best_model = self.metric_for_best_model or "eval_loss"
         super().__post_init__()
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"loss_implementation must be one of {', '.join(LOSS_IMPLEMENTATIONS)}, got {self.loss_implementation!r}"
+            )
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be an integer >= 0 (0 = automatic), got {self.loss_chunk_size!r}")
         mode = LossMode.parse(self.weighted_loss_mode)
         self.weighted_loss_mode = mode.value
         validate_coba_settings(

@@ -70,21 +70,23 @@ def trained_mask(labels: Tensor) -> Tensor:
 def per_token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of each target token, aligned with ``labels``.
 
-    This is the one place to swap in a chunked or fused kernel later.
+    This needs the full logits; `chunked_loss.OutputHeadLoss` gives the same values from the hidden
+    states without them.
 
     Args:
         logits: ``[B, L, V]``; ``logits[:, j]`` predicts token ``j + 1``. Any float dtype.
         labels: ``[B, L]`` target ids, -100 where untrained.
     Returns:
-        ``[B, L]`` float32; ``out[:, j]`` is the CE of ``labels[:, j]`` given ``logits[:, j - 1]``,
+        ``[B, L]`` float32 (float64 for float64 logits); ``out[:, j]`` is the CE of ``labels[:, j]`` given ``logits[:, j - 1]``,
         0 where untrained and in column 0.
     """
     B, L, V = logits.shape
     # Shift the labels, not the logits: slicing logits[:, :-1] gives a non-contiguous view that
     # flattening would copy, on top of the float32 upcast. Here the upcast is the only copy.
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, L], shifted[:, j] = labels[:, j+1]
+    flat = logits.reshape(-1, V)
     loss = F.cross_entropy(
-        logits.reshape(-1, V).float(), shifted.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+        flat if flat.dtype == torch.float64 else flat.float(), shifted.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
     ).view(B, L)  # [B, L], loss[:, j] scores labels[:, j+1]
     return F.pad(loss[:, :-1], (1, 0))  # [B, L], re-aligned with labels
 
@@ -233,6 +235,33 @@ def combine_task_sums(
     w = torch.ones_like(tokens) if task_weights is None else task_weights.to(device, dtype)
     w = torch.where(present, w, torch.zeros_like(w))  # [T]
     return (w * numer / _safe(denom)).sum() / _safe(w.sum())
+
+
+def loss_coefficients(
+    labels: Tensor,
+    task_ids: Tensor,
+    segment_ids: Tensor,
+    mode: LossMode | str,
+    normalizers: LossNormalizers,
+    task_weights: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """d(contribution)/d(per-token loss) of this micro-batch: the ``c`` in ``contribution = sum c * loss``.
+
+    Every mode's contribution is linear in the per-token losses (the counts and weights are fixed for
+    the step), so a fused kernel can compute the gradient during the forward pass. The coefficients
+    come from differentiating :func:`reduce_loss` itself, so that the formulas stay in one place.
+
+    Args:
+        as :func:`reduce_loss`, without the per-token loss; dtype: of the result.
+    Returns:
+        ``[B, L]`` coefficients aligned with labels, 0 where untrained.
+    """
+    with torch.enable_grad():
+        probe = torch.zeros(labels.shape, dtype=dtype, device=labels.device, requires_grad=True)
+        contribution = reduce_loss(probe, labels, task_ids, segment_ids, mode, normalizers, task_weights)
+        (coefficients,) = torch.autograd.grad(contribution, probe)
+    return coefficients
 
 
 def reduce_loss(

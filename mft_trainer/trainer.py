@@ -37,6 +37,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput, TrainOutput, get_last_checkpoint
 
 from .attention import check_packing_support
+from .chunked_loss import OutputHeadLoss
 from .coba import CoBaBalancer, ValidationStream
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
@@ -45,6 +46,7 @@ from .losses import (
     LossNormalizers,
     combine_task_sums,
     count_normalizers,
+    loss_coefficients,
     per_token_cross_entropy,
     task_loss_sums,
 )
@@ -135,6 +137,9 @@ class MFTTrainer(Trainer):
         self._micro_batches_in_step = 1
         self._train_sums: torch.Tensor | None = None  # [2, T]: token loss sums, trained tokens (logging window)
         self._eval_sums: torch.Tensor | None = None  # [4, T]: token loss sums, sample-mean sums, tokens, samples
+        self._head_loss: OutputHeadLoss | None = None
+        self._head_loss_resolved = False
+        self._logits_wanted = False  # set by prediction_step when the caller needs real logits
         self.coba: CoBaBalancer | None = None
         if self.loss_mode is LossMode.COBA:
             self._init_coba(eval_dataset)
@@ -188,21 +193,37 @@ class MFTTrainer(Trainer):
             )
         inputs = dict(inputs)
         labels, task_ids, segment_ids = (inputs.pop(key) for key in LOSS_KEYS)
-        outputs = model(**inputs, use_cache=False)
-        per_token = per_token_cross_entropy(outputs.logits, labels)  # [B, L]
-        sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)  # [2, T]
         batch_counts = count_normalizers(
             [{"labels": labels, "task_ids": task_ids, "segment_ids": segment_ids}], self.num_tasks
         )
         if model.training:
             normalizers = self._step_normalizers if self._step_normalizers is not None else batch_counts
-            weights = (self._task_weights if self.coba is None else self._coba_weights).to(per_token.device)
-            loss = combine_task_sums(sums, self.loss_mode, normalizers, weights)
+            weights = self._task_weights if self.coba is None else self._coba_weights
+        else:
+            normalizers, weights = batch_counts, self._task_weights
+        head_loss = None if (return_outputs and self._logits_wanted) else self._output_head_loss(model, inputs)
+        if head_loss is None:
+            outputs = model(**inputs, use_cache=False)
+            per_token = per_token_cross_entropy(outputs.logits, labels)  # [B, L]
+            sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)  # [2, T]
+            loss = combine_task_sums(sums, self.loss_mode, normalizers, weights.to(per_token.device))
+        else:
+            coefficients = None
+            if model.training and torch.is_grad_enabled():
+                # The fused layer computes the gradient of sum(coefficients * per-token loss) in its forward.
+                coefficients = loss_coefficients(
+                    labels, task_ids, segment_ids, self.loss_mode, normalizers, weights.to(labels.device),
+                    dtype=_loss_dtype(head_loss.head.weight.dtype),
+                )
+            outputs, per_token, loss = self._forward_head_loss(model, inputs, head_loss, labels, coefficients)
+            sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)  # [2, T], detached
+            if loss is None:
+                loss = combine_task_sums(sums, self.loss_mode, normalizers, weights.to(per_token.device))
+        if model.training:
             # Data-parallel backends average gradients over ranks; the step loss is their sum.
             loss = loss * self.accelerator.num_processes
             self._add_train_sums(torch.stack([sums[0].detach().float(), batch_counts.tokens_per_task]))
         else:
-            loss = combine_task_sums(sums, self.loss_mode, batch_counts, self._task_weights.to(per_token.device))
             self._add_eval_sums(torch.cat([sums.detach().float(), batch_counts.stacked()]))
 
         aux_loss = getattr(outputs, "aux_loss", None)
@@ -213,6 +234,64 @@ class MFTTrainer(Trainer):
             share = self._micro_batches_in_step if model.training else 1
             loss = loss + coefficient * aux_loss.to(loss.device) / share
         return (loss, outputs) if return_outputs else loss
+
+    def _output_head_loss(self, model: nn.Module, inputs: dict[str, Any]) -> OutputHeadLoss | None:
+        """The chunked loss for this model, or None for the plain path; decided at the first call
+        (`loss_implementation`), with a probe forward on a few tokens of the first batch."""
+        if self._head_loss_resolved:
+            return self._head_loss
+        self._head_loss_resolved = True
+        choice = self.args.loss_implementation
+        if choice == "plain":
+            return None
+        head, reason = OutputHeadLoss.find_head(self.accelerator.unwrap_model(model))
+        if head is not None:
+            candidate = OutputHeadLoss(head, self.args.loss_chunk_size or None)
+            reason = candidate.probe(model, inputs["input_ids"][:1, :16]) or ""
+            if not reason:
+                self._head_loss = candidate
+                logger.info("per-token loss: chunked, %d positions per chunk", candidate.chunk_size)
+                return candidate
+        if choice == "chunked":
+            raise ValueError(
+                f"loss_implementation: chunked cannot be used with this model: {reason}. Use loss_implementation: "
+                "plain (or auto, which falls back to plain)."
+            )
+        logger.info("per-token loss: plain (full logits), because %s", reason)
+        return None
+
+    @staticmethod
+    def _forward_head_loss(
+        model: nn.Module,
+        inputs: dict[str, Any],
+        head_loss: OutputHeadLoss,
+        labels: torch.Tensor,
+        coefficients: torch.Tensor | None,
+    ) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+        """Forward with the output layer computing the loss: (outputs, per-token loss, loss or None)."""
+        with head_loss.computing(labels, coefficients) as result:
+            outputs = model(**inputs, use_cache=False)
+        if result.per_token is None:
+            raise RuntimeError("the model's forward did not call its output layer; use loss_implementation: plain")
+        # The loss as the model returned it (in place of logits), not result.loss: hooks on the layer's
+        # output (DeepSpeed ZeRO-3 gathers the layer's weight in them before its backward) must see it.
+        loss = None if result.loss is None else outputs.logits.reshape(())
+        return outputs, result.per_token, loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The Trainer's step; when its caller wants logits (compute_metrics), the plain loss path
+        gives them."""
+        self._logits_wanted = not prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self._logits_wanted = False
 
     def _add_train_sums(self, sums: torch.Tensor) -> None:
         self._train_sums = sums if self._train_sums is None else self._train_sums + sums
@@ -375,9 +454,12 @@ class MFTTrainer(Trainer):
                 inputs = self._prepare_inputs(self.data_collator([self._coba_dataset[i] for i in rows or [0]]))
                 labels, task_ids, segment_ids = (inputs.pop(key) for key in LOSS_KEYS)
                 # No gradient and no graph: these forwards are CoBa's only cost.
+                head_loss = self._output_head_loss(model, inputs)
                 with torch.no_grad(), self.compute_loss_context_manager():
-                    logits = model(**inputs, use_cache=False).logits
-                per_token = per_token_cross_entropy(logits, labels)  # [B, L]
+                    if head_loss is None:
+                        per_token = per_token_cross_entropy(model(**inputs, use_cache=False).logits, labels)  # [B, L]
+                    else:
+                        _, per_token, _ = self._forward_head_loss(model, inputs, head_loss, labels, None)  # [B, L]
                 if rows:
                     token_sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)[0]  # [T]
                     counts = count_normalizers(
@@ -447,6 +529,11 @@ class _CoBaCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._coba_on_step_end(state.global_step)
+
+
+def _loss_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Loss coefficients in float64 for float64 models, else float32."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
 def _pad_token_id(tokenizer: Any) -> int:

@@ -121,7 +121,7 @@ def test_logged_step_loss_is_the_reduction_of_the_whole_batch(tmp_path):
                          tasks=TaskRegistry.from_names(["a", "b", "c"]))
     trainer.train()
     logged = trainer.state.log_history[0]
-    assert logged["loss"] == pytest.approx(expected.item(), rel=1e-9)
+    assert logged["loss"] == pytest.approx(expected.item(), rel=1e-7)  # the Trainer sums logged losses in float32
     # loss/<task> is the token-mean cross-entropy of each task
     mask = batch["labels"] != -100
     mask[:, 0] = False
