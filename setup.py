@@ -27,6 +27,8 @@ setup(
         "qlora": ["bitsandbytes>=0.45"],
         "flash-attn": ["flash-attn>=2.7"],
         "trl": ["trl>=0.20"],
-        "dev": ["pytest>=8", "tensorboard", "bitsandbytes>=0.45", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        # trl: the benchmark's TRL rows (scripts/benchmark.py, tests/test_benchmark.py) use its 1.16 options
+        "dev": ["pytest>=8", "tensorboard", "bitsandbytes>=0.45", "nbclient", "nbformat", "ipykernel", "matplotlib",
+                "trl>=1.16"],
     },
 )
