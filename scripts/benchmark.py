@@ -668,8 +668,8 @@ def _row_process(row: Row, s: Settings, connection: Any) -> None:
 
 
 def run_in_process(context: Any, row: Row, s: Settings, timeout_s: float) -> dict[str, Any]:
-    """Run `row` in a fresh process (forked from a server that has imported this module, so it
-    starts in a second, with no CUDA state); a crash, a kill or a timeout becomes the row's error."""
+    """Run `row` in a process of its own (`row_context`); a crash, a kill or a timeout becomes the
+    row's error."""
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_row_process, args=(row, s, sender))
     began = time.perf_counter()
@@ -687,6 +687,9 @@ def run_in_process(context: Any, row: Row, s: Settings, timeout_s: float) -> dic
     else:
         error = None
     process.join(30)
+    if process.is_alive():  # sent its record but does not exit: it must not share the device with the next row
+        process.kill()
+        process.join()
     if record is None:
         record = {"name": row.name, **asdict(row),
                   "error": error or f"the row's process died (exit code {process.exitcode}; -9 is a kill, e.g. "
@@ -924,8 +927,10 @@ def row_context(method: str) -> Any:
     (this process never touches CUDA; PYTORCH_NVML_BASED_CUDA_CHECK keeps `is_available()` from
     initialising it in the server). The server starts now and imports while the data is built. (Named
     modules, not "__main__": before Python 3.13 the forkserver ignores a "__main__" preload; each row
-    re-runs this file's top level, which is cheap once its imports are loaded.)
-    `spawn`: a fresh interpreter per row, the safe fallback.
+    re-runs this file's top level, which is cheap once its imports are loaded.) Where an import
+    initialises CUDA anyway (bitsandbytes does, when transformers imports it on a GPU machine), forked
+    rows cannot use CUDA: `run` sees the probe row fail and switches to `spawn`.
+    `spawn`: a fresh interpreter per row (a full import each), the safe fallback.
     """
     context = multiprocessing.get_context(method)
     if method == "forkserver":
