@@ -7,8 +7,8 @@ out of memory or lacks a kernel is reported, not fatal). It reports real (non-pa
 second, the ratio to TRL's best row, MFU and peak GPU memory, plus data preparation time (ours vs
 TRL's) and CoBa's cost per step. docs/benchmarks.md says what each row's step holds.
 
-    # CPU smoke run (tiny model, a few steps, well under two minutes):
-    python scripts/benchmark.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2 \\
+    # CPU smoke run (tiny model, a few steps; about two minutes on 2 cores):
+    python scripts/benchmark.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2 --cpu_threads 1 \\
         --out /tmp/bench/results.json --table /tmp/bench/table.md --plot /tmp/bench/bench.png
 
     # GPU (see docs/benchmarks.md for how data, tokenizer and wheels travel to the GPU machine):
@@ -874,7 +874,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", help="leave out the rows whose name contains one of these comma-separated parts")
     parser.add_argument("--budget_s", type=float, default=0,
                         help="stop starting rows when this many seconds have passed, or when the next row (estimated "
-                             "from those run) would pass it; 0: no budget")
+                             "from those run) would pass it; a row still running at the budget is stopped and "
+                             "reported as timed out; 0: no budget")
     parser.add_argument("--row_timeout_s", type=float, default=600, help="kill a row that runs longer")
     parser.add_argument("--start_method", default="forkserver", choices=["forkserver", "spawn"],
                         help="how row processes start: forks of a preloaded server (fast), or fresh interpreters")
