@@ -88,7 +88,7 @@ class MFTConfig(TrainingArguments):
             "at a time and only where there is a target, never materialising the full logits: the same losses and "
             "gradients with far less memory), plain (the model's full logits), or auto (chunked when the model's "
             "output layer is a plain Linear whose output is the logits unchanged, which is checked on the model at "
-            "the first step, else plain)."
+            "the first step, and torch_compile is off; else plain)."
         },
     )
     loss_chunk_size: int = field(

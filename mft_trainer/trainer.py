@@ -244,6 +244,10 @@ class MFTTrainer(Trainer):
         choice = self.args.loss_implementation
         if choice == "plain":
             return None
+        if choice == "auto" and self.args.torch_compile:
+            # The output layer's forward is swapped at every step; a compiled model would recompile.
+            logger.info("per-token loss: plain (full logits), because torch_compile is on")
+            return None
         head, reason = OutputHeadLoss.find_head(self.accelerator.unwrap_model(model))
         if head is not None:
             candidate = OutputHeadLoss(head, self.args.loss_chunk_size or None)

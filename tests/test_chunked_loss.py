@@ -268,6 +268,15 @@ def test_evaluation_with_compute_metrics_gets_real_logits(tmp_path):
     assert without == pytest.approx(with_logits, rel=1e-5)
 
 
+def test_auto_is_plain_under_torch_compile(tmp_path):
+    """The per-call swap of the output layer's forward would make a compiled model recompile every step."""
+    model = tiny_llama(64)
+    args = MFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, torch_compile=True)
+    trainer = MFTTrainer(model=model, args=args, data_collator=DataCollatorForMFT(pad_token_id=0),
+                         train_dataset=Dataset.from_list(make_samples()), tasks=TaskRegistry.from_names("abc"))
+    assert trainer._output_head_loss(model, dict(padded_batch())) is None
+
+
 def test_config_rejects_unknown_implementation(tmp_path):
     with pytest.raises(ValueError, match="loss_implementation must be one of auto, chunked, plain"):
         MFTConfig(output_dir=str(tmp_path), loss_implementation="fused")
