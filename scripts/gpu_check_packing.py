@@ -6,10 +6,10 @@ Only the project tree travels to the GPU machine, so the data and the tokenizer 
 repository root (see ../shared/gpu/README.md):
 
     bash ../shared/gpu/fetch_wheels.sh                                   # once, here: .whl/ (datasets, ...)
-    mkdir -p .device && cp -r ../shared/data ../shared/tokenizers/gpt2 ../shared/gpu/install_on_device.sh .device/
+    mkdir -p .device && cp -r ../shared/data ../shared/gpu/install_on_device.sh .device/
     # device command (carry .whl and .device); a few minutes on an H100, flex_attention's compiles the most:
     bash .device/install_on_device.sh && export PYTHONPATH=/tmp/site:$PWD && \
-      python scripts/gpu_check_packing.py --data .device/data --tokenizer .device/gpt2 --out $OUT/gpu_check_packing.json
+      python scripts/gpu_check_packing.py --data .device/data --tokenizer examples/tokenizers/gpt2 --out $OUT/gpu_check_packing.json
 
     # on a CPU, to check the script itself (tiny model, a few steps; flex_attention is skipped, torch_varlen
     # runs its pure-torch reference path):

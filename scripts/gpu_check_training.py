@@ -4,7 +4,7 @@ Qwen2-0.5B-shaped model saved to disk, and the results (ok or the error, seconds
 per-task loss line) go to a JSON file, one line per combination, so a timeout keeps what finished.
 
     # on the GPU machine (see ../shared/gpu/README.md for carrying the missing wheels):
-    python scripts/gpu_check_training.py --data .device/data --tokenizer .device/gpt2 --out $OUT/training.json
+    python scripts/gpu_check_training.py --data .device/data --tokenizer examples/tokenizers/gpt2 --out $OUT/training.json
     # here, on the CPU, to check the script itself (tiny model, the combinations that run on a CPU):
     python scripts/gpu_check_training.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2 --out /tmp/t.json
 

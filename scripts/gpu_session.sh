@@ -8,6 +8,7 @@
 #   device call:  bash scripts/gpu_session.sh part1     # carry [".whl", ".device"], timeout_s 590
 #   if time left: bash scripts/gpu_session.sh part2     # same carry; a fresh machine reinstalls (~1 min)
 #
+# Travels: the tracked tree (~7 MB) + .whl (~48 MB) + .device (~4 MB), under the 64 MiB limit.
 # part1 (~9.5 min): loss-path memory at 16k tokens x 152k vocab (issue 7), then the benchmark on the
 #   Qwen2-0.5B shape (issue 7; its pack/padding_free rows per attention backend are issue 4's throughput
 #   table, and MFTTrainer probes each backend for leaks between packed samples before its rows).
@@ -24,7 +25,7 @@ if [ "$part" = prepare ]; then
   set -e
   bash ../shared/gpu/fetch_wheels.sh >/dev/null
   mkdir -p .device
-  cp -r ../shared/data ../shared/tokenizers/gpt2 ../shared/gpu/install_on_device.sh .device/
+  cp -r ../shared/data ../shared/gpu/install_on_device.sh .device/  # the tokenizer travels in examples/
   du -sh .whl .device
   exit 0
 fi
@@ -45,7 +46,7 @@ nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 bash .device/install_on_device.sh >"$OUT/install.log" 2>&1 || { log "install failed"; tail "$OUT/install.log"; }
 export PYTHONPATH=/tmp/site:$PWD
 python -c "import torch, transformers, trl, datasets; print(torch.__version__, transformers.__version__, trl.__version__, datasets.__version__)" | tee "$OUT/versions.txt"
-data=(--data .device/data --tokenizer .device/gpt2)
+data=(--data .device/data --tokenizer examples/tokenizers/gpt2)
 tiny=() memory_size=(--tokens 16384) model05=(--model qwen2-0.5b) model15=(--model qwen2-1.5b)
 if [ "${TINY:-0}" = 1 ]; then
   data=(--data examples/data --tokenizer examples/tokenizers/gpt2) tiny=(--tiny)
