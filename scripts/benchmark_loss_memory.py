@@ -6,6 +6,7 @@ own process, so that one path's freed memory cannot hide the other's peak.
 
     python scripts/benchmark_loss_memory.py                                  # 16,384 tokens x 151,936 vocab x 896
     python scripts/benchmark_loss_memory.py --tokens 4096 --out loss_memory.json   # a size a 24 GiB CPU machine holds
+    python scripts/benchmark_loss_memory.py --chunk_size 832,2048,4096             # chunk sizes side by side
 
 On CUDA the peak is `torch.cuda.max_memory_allocated` above what the inputs (hidden states, output
 weight) already hold; on the CPU it is the growth of the process's peak resident memory (ru_maxrss)
@@ -36,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=896)
-    parser.add_argument("--chunk_size", type=int, default=0, help="0: the library's default for the vocabulary")
+    parser.add_argument("--chunk_size", default="0",
+                        help="positions per chunk, or several comma-separated (one chunked run each); "
+                        "0: the library's default for the vocabulary")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     parser.add_argument("--out", help="write both results as JSON here")
     parser.add_argument("--path", choices=["plain", "chunked"], help=argparse.SUPPRESS)  # one child process
@@ -61,7 +64,7 @@ def measure(args: argparse.Namespace) -> dict:
     weight.requires_grad_()
     targets = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=gen)
     coefficients = torch.full((args.tokens,), 1.0 / args.tokens, device=device)
-    chunk_size = args.chunk_size or default_chunk_size(args.vocab)
+    chunk_size = int(args.chunk_size) or default_chunk_size(args.vocab)
 
     def step() -> float:
         if args.path == "plain":
@@ -115,23 +118,26 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args)))
         return 0
     results = []
-    for path in ("plain", "chunked"):
+    runs = [("plain", "0")] + [("chunked", size) for size in args.chunk_size.split(",")]
+    for path, chunk_size in runs:
         command = [sys.executable, __file__, "--path", path, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
-                   "--hidden", str(args.hidden), "--chunk_size", str(args.chunk_size), "--repeats", str(args.repeats)]
+                   "--hidden", str(args.hidden), "--chunk_size", chunk_size, "--repeats", str(args.repeats)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             results.append({"path": path, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"})
         else:
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    plain, chunked = results
-    if "error" not in plain and "error" not in chunked:
-        ratio = chunked["peak_gib"] / plain["peak_gib"]
-        print(f"\n{args.tokens:,} tokens x {args.vocab:,} vocab x {args.hidden} hidden, bf16, on {plain['device']}")
-        print("| path | peak GiB | s/step | loss |\n|---|---|---|---|")
-        for r in results:
-            print(f"| {r['path']} | {r['peak_gib']:.2f} | {r['seconds_per_step']:.3f} | {r['loss']:.5f} |")
-        print(f"chunked peak / plain peak = {ratio:.1%}")
+    plain = results[0]
+    print(f"\n{args.tokens:,} tokens x {args.vocab:,} vocab x {args.hidden} hidden, bf16")
+    print("| path | chunk | peak GiB | peak / plain | s/step | loss |\n|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['path']} | | error: {r['error'][:100]} | | | |")
+            continue
+        ratio = f"{r['peak_gib'] / plain['peak_gib']:.1%}" if "error" not in plain and plain["peak_gib"] > 0 else "-"
+        print(f"| {r['path']} | {r['chunk_size'] or '-'} | {r['peak_gib']:.2f} | {ratio} | {r['seconds_per_step']:.3f} "
+              f"| {r['loss']:.5f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0 if all("error" not in r for r in results) else 1
