@@ -110,7 +110,21 @@ class MFTConfig(TrainingArguments):
         default=0.0, metadata={"help": "Smallest change of metric_for_best_model that counts as an improvement."}
     )
 
+    # None = not set: MFTConfig then turns checkpointing on (MFTCoder's default). transformers >= 5.2x
+    # names it activation_checkpointing and keeps this name as an alias; older ones default it to False,
+    # which could not be told apart from a user's False.
+    gradient_checkpointing: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass to save memory (on unless set to false, as in "
+            "MFTCoder); newer transformers name it activation_checkpointing, and either name works.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+
     def __post_init__(self) -> None:
+        self._default_checkpointing_on()
         if self.early_stopping_patience is not None:
             # Before TrainingArguments' own checks, which derive greater_is_better from the metric.
             if not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1:
@@ -153,3 +167,18 @@ class MFTConfig(TrainingArguments):
             raise ValueError(
                 "label_smoothing_factor is not supported: MFTTrainer computes its own per-task cross-entropy"
             )
+
+    def _default_checkpointing_on(self) -> None:
+        """Gradient checkpointing on when neither name is set; non-reentrant unless kwargs are given
+        (the reentrant variant needs inputs that require grad, which a frozen LoRA base lacks)."""
+        current = "activation_checkpointing" if "activation_checkpointing" in self.__dataclass_fields__ else None
+        values = [self.gradient_checkpointing] + ([getattr(self, current)] if current else [])
+        if all(value is None for value in values):
+            setattr(self, current or "gradient_checkpointing", True)
+        enabled = any(bool(getattr(self, name, None)) for name in ("gradient_checkpointing", "activation_checkpointing"))
+        kwargs = [self.gradient_checkpointing_kwargs] + ([getattr(self, "activation_checkpointing_kwargs")] if current else [])
+        if enabled and all(value is None for value in kwargs):
+            setattr(self, "activation_checkpointing_kwargs" if current else "gradient_checkpointing_kwargs",
+                    {"use_reentrant": False})
+        if not current and self.gradient_checkpointing is None:
+            self.gradient_checkpointing = False
