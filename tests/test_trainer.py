@@ -22,7 +22,8 @@ from .helpers import tiny_llama
 def one_batch_updates(tmp_path_factory):
     """The reference: the 8 samples as one batch, one process, no accumulation."""
     out = str(tmp_path_factory.mktemp("ref"))
-    return {mode: one_step_update(mode, batch_size=8, accumulation=1, output_dir=out) for mode in MODES}
+    return {mode: one_step_update(mode, batch_size=8, accumulation=1, output_dir=out, loss_implementation="plain")
+            for mode in MODES}
 
 
 def assert_same_updates(got: dict, expected: dict, what: str) -> None:
@@ -75,7 +76,7 @@ def test_two_ranks_give_the_one_batch_gradient(tmp_path, one_batch_updates):
 @pytest.fixture(scope="module")
 def one_batch_updates_float32(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ref32"))
-    return {mode: one_step_update(mode, 8, 1, out, dtype=torch.float32) for mode in MODES}
+    return {mode: one_step_update(mode, 8, 1, out, dtype=torch.float32, loss_implementation="plain") for mode in MODES}
 
 
 @pytest.mark.distributed
@@ -92,6 +93,26 @@ def test_sharded_backends_on_two_ranks_give_the_one_batch_gradient(tmp_path, one
     for mode in MODES:
         for name in reference[mode]:
             torch.testing.assert_close(updates[mode][name], reference[mode][name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{backend} {mode} {name}: {m}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["deepspeed zero3", "fsdp2"])
+def test_sharded_backends_with_tied_embeddings_give_the_one_batch_gradient(tmp_path, backend):
+    """The chunked loss returns the output layer's gradient itself; with the weight shared by the input
+    embedding and sharded, both gradients must still add up (float32)."""
+    if backend.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+        extra = ["--deepspeed", f"ds_configs/{backend.split()[1]}.json"]
+    else:
+        extra = ["--fsdp_config", "fsdp_configs/fsdp2.json"]
+    updates = run_two_ranks(tmp_path, *extra, "--dtype", "float32", "--tie_word_embeddings")
+    for mode in MODES:
+        reference = one_step_update(mode, 8, 1, str(tmp_path / "ref"), dtype=torch.float32, tie_word_embeddings=True,
+                                    loss_implementation="plain")
+        assert "lm_head.weight" not in reference  # one shared parameter
+        for name in reference:
+            torch.testing.assert_close(updates[mode][name], reference[name], rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"{backend} {mode} {name}: {m}")
 
 

@@ -50,18 +50,22 @@ def make_samples(seed: int = 0) -> list[dict]:
 
 def one_step_update(
     mode: str, batch_size: int, accumulation: int, output_dir: str, deepspeed: str | None = None,
-    dtype: torch.dtype = torch.float64, fsdp_config: str | None = None,
+    dtype: torch.dtype = torch.float64, fsdp_config: str | None = None, tie_word_embeddings: bool = False,
+    loss_implementation: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Train one optimizer step; return {parameter name: new value - old value}.
 
     `deepspeed` is a DeepSpeed config path (ZeRO-3 needs float32: it has no float64 support);
-    `fsdp_config` an FSDP config path (turns FSDP on).
+    `fsdp_config` an FSDP config path (turns FSDP on); `tie_word_embeddings` shares the output layer's
+    weight with the input embedding (Qwen2-0.5B and many small models do). The runs under test take
+    the default loss path (chunked for this model); the references take `loss_implementation="plain"`.
     """
-    model = tiny_llama(VOCAB, seed=0, dtype=dtype)
+    model = tiny_llama(VOCAB, seed=0, dtype=dtype, tie_word_embeddings=tie_word_embeddings)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     args = MFTConfig(
         output_dir=output_dir,
         weighted_loss_mode=mode,
+        loss_implementation=loss_implementation,
         task_weights=TASK_WEIGHTS if mode in ("case3", "case4") else None,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
@@ -109,13 +113,15 @@ def main() -> None:
     parser.add_argument("--deepspeed", help="a DeepSpeed config, e.g. ds_configs/zero2.json")
     parser.add_argument("--fsdp_config", help="an FSDP config, e.g. fsdp_configs/fsdp2.json")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--tie_word_embeddings", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     updates = {}
     with tempfile.TemporaryDirectory() as output_dir:
         for mode in MODES:
             updates[mode] = one_step_update(
-                mode, args.batch_size, args.accumulation, output_dir, args.deepspeed, dtype, args.fsdp_config
+                mode, args.batch_size, args.accumulation, output_dir, args.deepspeed, dtype, args.fsdp_config,
+                args.tie_word_embeddings,
             )
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
