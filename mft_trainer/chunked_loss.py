@@ -255,13 +255,16 @@ class OutputHeadLoss:
                     f"the output layer got hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}"
                 )
             b, length, h = hidden.shape
+            # The last layers may sit on another device than the batch (a model split with device_map).
+            target_labels = labels.to(hidden.device)
+            weights = None if coefficients is None else coefficients.to(hidden.device)
             # Position j predicts labels[:, j + 1]; only positions with a target go through the layer.
-            targets = labels[:, 1:].reshape(-1)  # [B*(L-1)]
+            targets = target_labels[:, 1:].reshape(-1)  # [B*(L-1)]
             positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [M], into [B, L-1]
             span = max(length - 1, 1)  # no targets at all when L == 1
             flat = positions // span * length + positions % span  # [M], the predicting position in [B*L]
             selected = hidden.reshape(b * length, h).index_select(0, flat)  # [M, H]
-            chosen = None if coefficients is None else coefficients.reshape(-1).index_select(0, flat + 1)  # [M]
+            chosen = None if weights is None else weights.reshape(-1).index_select(0, flat + 1)  # [M]
             loss, per_token = linear_cross_entropy(
                 selected, head.weight, targets.index_select(0, positions), chosen, head.bias, self.chunk_size
             )
