@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .constants import IGNORE_INDEX
+from .losses import loss_dtype
 
 # Bytes of chunk-sized buffers per (token, vocabulary entry): logits in the compute dtype (2),
 # their float32 copy turned into probabilities in place (4), the gradient in the compute dtype (2).
@@ -48,11 +49,6 @@ def default_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET
     """Positions per chunk so that a chunk's vocabulary-sized buffers take about `budget_bytes`
     (1 GiB by default: 880 positions at a 152k vocabulary), a multiple of 64, at least 64."""
     return max(64, budget_bytes // (_BYTES_PER_LOGIT * vocab_size) // 64 * 64)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every lower precision is reduced in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -69,13 +65,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
         n, h = hidden.shape
-        acc = _accumulation_dtype(hidden.dtype)
+        acc = loss_dtype(hidden.dtype)
         device = hidden.device
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
         # The gradient is scale * sum_i unit_i * dCE_i; unit is at most 1 in magnitude, so the
         # low-precision matmuls never see the tiny 1/tokens factors (which underflow in float16).
-        scale = coefficients.abs().max().to(acc).clamp_min(torch.finfo(acc).tiny) if n else torch.ones((), dtype=acc)
+        scale = (
+            coefficients.abs().max().to(acc).clamp_min(torch.finfo(acc).tiny) if n
+            else torch.ones((), dtype=acc, device=device)
+        )
         unit = coefficients.to(acc) / scale  # [N]
         grad_hidden = torch.empty(n, h, dtype=acc, device=device) if need_hidden else None  # [N, H]
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if need_weight else None  # [V, H]

@@ -171,14 +171,10 @@ class MFTConfig(TrainingArguments):
     def _default_checkpointing_on(self) -> None:
         """Gradient checkpointing on when neither name is set; non-reentrant unless kwargs are given
         (the reentrant variant needs inputs that require grad, which a frozen LoRA base lacks)."""
-        current = "activation_checkpointing" if "activation_checkpointing" in self.__dataclass_fields__ else None
-        values = [self.gradient_checkpointing] + ([getattr(self, current)] if current else [])
-        if all(value is None for value in values):
-            setattr(self, current or "gradient_checkpointing", True)
-        enabled = any(bool(getattr(self, name, None)) for name in ("gradient_checkpointing", "activation_checkpointing"))
-        kwargs = [self.gradient_checkpointing_kwargs] + ([getattr(self, "activation_checkpointing_kwargs")] if current else [])
-        if enabled and all(value is None for value in kwargs):
-            setattr(self, "activation_checkpointing_kwargs" if current else "gradient_checkpointing_kwargs",
-                    {"use_reentrant": False})
-        if not current and self.gradient_checkpointing is None:
-            self.gradient_checkpointing = False
+        # The name this transformers reads first, then its alias (if it has one).
+        names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if n in self.__dataclass_fields__]
+        if all(getattr(self, name) is None for name in names):
+            setattr(self, names[0], True)
+        enabled = any(getattr(self, name) for name in names)
+        if enabled and all(getattr(self, f"{name}_kwargs") is None for name in names):
+            setattr(self, f"{names[0]}_kwargs", {"use_reentrant": False})

@@ -67,6 +67,11 @@ def trained_mask(labels: Tensor) -> Tensor:
     return mask
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype losses are reduced in for inputs of `dtype`: float64 stays, anything lower is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def per_token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of each target token, aligned with ``labels``.
 
@@ -84,9 +89,8 @@ def per_token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     # Shift the labels, not the logits: slicing logits[:, :-1] gives a non-contiguous view that
     # flattening would copy, on top of the float32 upcast. Here the upcast is the only copy.
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, L], shifted[:, j] = labels[:, j+1]
-    flat = logits.reshape(-1, V)
     loss = F.cross_entropy(
-        flat if flat.dtype == torch.float64 else flat.float(), shifted.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+        logits.reshape(-1, V).to(loss_dtype(logits.dtype)), shifted.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
     ).view(B, L)  # [B, L], loss[:, j] scores labels[:, j+1]
     return F.pad(loss[:, :-1], (1, 0))  # [B, L], re-aligned with labels
 

@@ -47,6 +47,7 @@ from .losses import (
     combine_task_sums,
     count_normalizers,
     loss_coefficients,
+    loss_dtype,
     per_token_cross_entropy,
     task_loss_sums,
 )
@@ -202,23 +203,24 @@ class MFTTrainer(Trainer):
         else:
             normalizers, weights = batch_counts, self._task_weights
         head_loss = None if (return_outputs and self._logits_wanted) else self._output_head_loss(model, inputs)
+        fused_loss = None  # the loss, when the chunked output layer computed it (and its gradient)
         if head_loss is None:
             outputs = model(**inputs, use_cache=False)
             per_token = per_token_cross_entropy(outputs.logits, labels)  # [B, L]
-            sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)  # [2, T]
-            loss = combine_task_sums(sums, self.loss_mode, normalizers, weights.to(per_token.device))
         else:
             coefficients = None
             if model.training and torch.is_grad_enabled():
                 # The fused layer computes the gradient of sum(coefficients * per-token loss) in its forward.
                 coefficients = loss_coefficients(
                     labels, task_ids, segment_ids, self.loss_mode, normalizers, weights.to(labels.device),
-                    dtype=_loss_dtype(head_loss.head.weight.dtype),
+                    dtype=loss_dtype(head_loss.head.weight.dtype),
                 )
-            outputs, per_token, loss = self._forward_head_loss(model, inputs, head_loss, labels, coefficients)
-            sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)  # [2, T], detached
-            if loss is None:
-                loss = combine_task_sums(sums, self.loss_mode, normalizers, weights.to(per_token.device))
+            outputs, per_token, fused_loss = self._forward_head_loss(model, inputs, head_loss, labels, coefficients)
+        sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)  # [2, T]
+        if fused_loss is None:
+            loss = combine_task_sums(sums, self.loss_mode, normalizers, weights.to(per_token.device))
+        else:
+            loss = fused_loss
         if model.training:
             # Data-parallel backends average gradients over ranks; the step loss is their sum.
             loss = loss * self.accelerator.num_processes
@@ -533,11 +535,6 @@ class _CoBaCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._coba_on_step_end(state.global_step)
-
-
-def _loss_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """Loss coefficients in float64 for float64 models, else float32."""
-    return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
 def _pad_token_id(tokenizer: Any) -> int:
