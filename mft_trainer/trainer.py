@@ -34,13 +34,14 @@ import torch
 from accelerate.utils import broadcast
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
-from transformers.trainer_utils import EvalLoopOutput, TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import EvalLoopOutput, EvalPrediction, TrainOutput, get_last_checkpoint
 
 from .attention import check_packing_support
 from .chunked_loss import OutputHeadLoss
 from .coba import CoBaBalancer, ValidationStream
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
+from .constants import IGNORE_INDEX
 from .losses import (
     LossMode,
     LossNormalizers,
@@ -333,6 +334,11 @@ class MFTTrainer(Trainer):
         """Run the Trainer's loop, then replace its mean of batch losses by the exact loss of the
         configured mode over the whole set, and add the per-task losses."""
         self._eval_sums = torch.zeros(4, self.num_tasks, device=self.args.device)
+        dataset = getattr(dataloader, "dataset", None)
+        padded = dataset if isinstance(dataset, _PaddedDataset) else None
+        compute_metrics = self.compute_metrics
+        if padded is not None and compute_metrics is not None:
+            self.compute_metrics = self._metrics_without_placeholders(compute_metrics, padded)
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
@@ -340,6 +346,13 @@ class MFTTrainer(Trainer):
             sums = self._eval_sums
         finally:
             self._eval_sums = None
+            self.compute_metrics = compute_metrics
+        if padded is not None:
+            output = output._replace(
+                predictions=_drop_tail(output.predictions, len(padded), padded.extra),
+                label_ids=_drop_tail(output.label_ids, len(padded), padded.extra),
+                num_samples=len(padded) - padded.extra,
+            )
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
         if sums[2].sum() > 0:
@@ -350,6 +363,39 @@ class MFTTrainer(Trainer):
                 if sums[2, task_id] > 0:
                     output.metrics[f"{metric_key_prefix}_loss/{name}"] = (sums[0, task_id] / sums[2, task_id]).item()
         return output
+
+    def _get_dataloader(
+        self,
+        dataset: Any,
+        description: str,
+        batch_size: int,
+        sampler_fn: Any = None,
+        is_training: bool = False,
+        dataloader_key: str | None = None,
+    ) -> Any:
+        """The Trainer's dataloader; for evaluation on several ranks, over the set completed with items
+        that carry no loss, so that accelerate has no batch to complete with repeated samples (which
+        would count twice in the eval losses)."""
+        ranks = self.accelerator.num_processes
+        if not is_training and ranks > 1 and not self.args.dataloader_drop_last:
+            dataset = pad_for_even_batches(dataset, batch_size * ranks)
+        return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+
+    def _metrics_without_placeholders(self, compute_metrics: Any, padded: _PaddedDataset) -> Any:
+        """`compute_metrics` on the predictions of the set's own items: the placeholders that even
+        the ranks out (pad_for_even_batches) come last, so they are the tail of the gathered arrays
+        (of the last batch's, with `batch_eval_metrics`)."""
+        length = len(padded)
+        if self.args.batch_eval_metrics:
+            length = self.args.eval_batch_size * self.accelerator.num_processes
+
+        def without_placeholders(prediction: EvalPrediction, **kwargs: Any) -> Any:
+            if self.args.batch_eval_metrics and not kwargs.get("compute_result"):
+                return compute_metrics(prediction, **kwargs)
+            fields = (prediction.predictions, prediction.label_ids, prediction.inputs, prediction.losses)
+            return compute_metrics(EvalPrediction(*(_drop_tail(f, length, padded.extra) for f in fields)), **kwargs)
+
+        return without_placeholders
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as the Trainer does, plus the task registry (`tasks.json`) beside the model, and with
@@ -545,3 +591,57 @@ def _pad_token_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)  # padding is masked out, so EOS serves (as in MFTCoder)
     raise ValueError("the tokenizer has neither a pad nor an EOS token; pass a data_collator with a pad_token_id")
+
+
+class _PaddedDataset(torch.utils.data.Dataset):
+    """`dataset` followed by `extra` copies of `placeholder`."""
+
+    def __init__(self, dataset: Any, placeholder: dict[str, Any], extra: int):
+        self.dataset, self.placeholder, self.extra = dataset, placeholder, extra
+
+    def __len__(self) -> int:
+        return len(self.dataset) + self.extra
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index] if index < len(self.dataset) else dict(self.placeholder)
+
+
+def pad_for_even_batches(dataset: Any, multiple: int) -> Any:
+    """`dataset` with items appended up to a multiple of `multiple` (ranks x batch size), each a
+    one-token copy of the first item with no trained token, so it adds nothing to any loss or count.
+
+    accelerate gives every rank the same number of full batches (each rank must run every forward:
+    DDP, ZeRO-3 and FSDP exchange data in it) by completing the last ones with samples from the start
+    of the set; these placeholders take their place. A set that already divides evenly, has no length
+    or is empty is returned as it is.
+    """
+    if multiple <= 1 or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        return dataset
+    size = len(dataset)
+    extra = -size % multiple
+    if size == 0 or extra == 0:
+        return dataset
+    first = dataset[0]
+    if not isinstance(first, dict) or "labels" not in first:
+        return dataset
+    placeholder = {}
+    for key, value in first.items():
+        if isinstance(value, (list, tuple, torch.Tensor)) and len(value) > 0:
+            value = value[:1]  # every per-token field keeps one token
+        placeholder[key] = value
+    labels = placeholder["labels"]
+    no_target = torch.full_like(labels, IGNORE_INDEX) if isinstance(labels, torch.Tensor) else [IGNORE_INDEX]
+    placeholder["labels"] = no_target
+    return _PaddedDataset(dataset, placeholder, extra)
+
+
+def _drop_tail(values: Any, length: int, extra: int) -> Any:
+    """`values` (an array, or nested tuples/lists of them) without their last `extra` items, where
+    their first dimension holds `length` items; anything else as it is."""
+    if isinstance(values, (list, tuple)):
+        return type(values)(_drop_tail(value, length, extra) for value in values)
+    shape = getattr(values, "shape", None)
+    if shape is not None and len(shape) > 0 and shape[0] == length:
+        return values[: length - extra]
+    return values
+

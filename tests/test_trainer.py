@@ -1,5 +1,6 @@
 """MFTTrainer: exact gradients across accumulation and ranks, MoE aux loss, metrics, end to end."""
 
+import json
 import os
 import socket
 import subprocess
@@ -12,8 +13,12 @@ from datasets import Dataset
 from mft_trainer import DataConfig, MFTConfig, MFTTrainer, TaskRegistry, build_mft_dataset
 from mft_trainer.collator import DataCollatorForMFT
 from mft_trainer.losses import count_normalizers, per_token_cross_entropy, reduce_loss
+from mft_trainer.trainer import pad_for_even_batches
 
 from .conftest import REPO
+from .distributed.evaluate import LAYOUTS as EVAL_LAYOUTS
+from .distributed.evaluate import METRICS as EVAL_METRICS
+from .distributed.evaluate import evaluate as evaluate_samples
 from .distributed.one_step import MODES, make_samples, one_step_update
 from .helpers import tiny_llama
 
@@ -52,16 +57,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(tmp_path, *extra: str) -> dict:
-    """tests/distributed/one_step.py on 2 torchrun ranks (gloo) x batch 2 x accumulation 2."""
-    out = tmp_path / "updates.pt"
+def run_torchrun(script: str, *arguments: str) -> None:
+    """A script of tests/distributed on 2 torchrun ranks (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "tests/distributed/one_step.py", "--out", str(out), "--batch_size", "2", "--accumulation", "2", *extra],
+         f"tests/distributed/{script}", *arguments],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def run_two_ranks(tmp_path, *extra: str) -> dict:
+    """tests/distributed/one_step.py on 2 torchrun ranks (gloo) x batch 2 x accumulation 2."""
+    out = tmp_path / "updates.pt"
+    run_torchrun("one_step.py", "--out", str(out), "--batch_size", "2", "--accumulation", "2", *extra)
     return torch.load(out)
 
 
@@ -114,6 +124,44 @@ def test_sharded_backends_with_tied_embeddings_give_the_one_batch_gradient(tmp_p
         for name in reference:
             torch.testing.assert_close(updates[mode][name], reference[name], rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"{backend} {mode} {name}: {m}")
+
+
+@pytest.mark.distributed
+def test_eval_on_two_ranks_counts_every_sample_once(tmp_path):
+    """8 samples on 2 ranks x batch 3: accelerate gives both ranks 2 batches, so 4 slots are not
+    samples of the set; the eval losses must still be those of the 8 samples, in every loss mode and
+    batch layout (the completing samples used to be counted twice), and compute_metrics must see
+    the 8 samples' predictions only."""
+    out = tmp_path / "metrics.json"
+    run_torchrun("evaluate.py", "--out", str(out), "--batch_size", "3")
+    two_ranks = json.loads(out.read_text())
+    with_metrics = {f"case1 padding {variant}" for variant in EVAL_METRICS}
+    assert set(two_ranks) == {f"{mode} {layout}" for mode in MODES for layout in EVAL_LAYOUTS} | with_metrics
+    for key, metrics in two_ranks.items():
+        mode, layout, *variant = key.split(maxsplit=2)
+        reference = evaluate_samples(mode, layout, 8, str(tmp_path / "ref"), *variant)
+        assert metrics.keys() == reference.keys() >= {"eval_loss", "eval_loss/a", "eval_loss/b", "eval_loss/c"}
+        if variant:
+            assert metrics["eval_items"] == 8
+        for name in reference:
+            assert metrics[name] == pytest.approx(reference[name], rel=1e-12), f"{key} {name}"
+
+
+def test_eval_set_padding_for_ranks_adds_items_without_loss():
+    samples = make_samples()
+    padded = pad_for_even_batches(samples, 6)
+    assert len(padded) == 12
+    assert [padded[i] for i in range(8)] == samples
+    for i in range(8, 12):
+        assert padded[i] == {"input_ids": samples[0]["input_ids"][:1], "labels": [-100], "task_id": samples[0]["task_id"]}
+    batch = DataCollatorForMFT(pad_token_id=0)([padded[i] for i in range(12)])
+    assert count_normalizers([batch], 3).stacked().tolist() == count_normalizers([DataCollatorForMFT(pad_token_id=0)(
+        samples)], 3).stacked().tolist()
+    row = {"input_ids": [4, 5, 6], "labels": [-100, 5, 6], "task_ids": [1, 1, 2], "position_ids": [0, 1, 0]}
+    assert pad_for_even_batches([row], 2)[1] == {"input_ids": [4], "labels": [-100], "task_ids": [1],
+                                                 "position_ids": [0]}
+    for unchanged in (pad_for_even_batches(samples, 4), pad_for_even_batches(samples, 1), pad_for_even_batches([], 3)):
+        assert isinstance(unchanged, list)
 
 
 def loss_of_one_batch(model, batch, mode, weights):
