@@ -13,6 +13,9 @@ fine-tuned model exactly as it was trained:
   the renderer's segments, with the EOS token after each answer, then `\\n`.
 - A conversation ending with a user turn and `add_generation_prompt=False` stops after the user's
   content (the assistant marker is the generation prompt), as with every Hugging Face template.
+- Each answer and its EOS token are inside `{% generation %}` markers, so that
+  `apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)` marks exactly the
+  tokens that training puts a loss on (TRL's `assistant_only_loss=True` reads the same mask).
 - Roles are accepted in every spelling the data accepts (system, human/user, bot/assistant/gpt, any
   case); contents get the renderer's formatting (non-breaking spaces made plain, a trailing `\\n`).
   A conversation the renderer would reject (unknown role, system turn not first, roles not
@@ -77,7 +80,9 @@ _TEMPLATE = TEMPLATE_HEADER + """ (see mft_trainer/chat_template.py); generated,
             {{- {user} ~ content -}}
             {%- set ns.expected = 'assistant' -%}
         {%- else -%}
-            {{- {assistant} ~ content ~ {eos} ~ '\\n' -}}
+            {{- {assistant} -}}
+            {%- generation -%}{{- content ~ {eos} -}}{%- endgeneration -%}
+            {{- '\\n' -}}
             {%- set ns.expected = 'user' -%}
         {%- endif -%}
     {%- endif -%}

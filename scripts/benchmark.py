@@ -43,7 +43,6 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -70,7 +69,7 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mft_trainer import DataCollatorForMFT, DataConfig, MFTConfig, MFTTrainer, TaskRegistry  # noqa: E402
-from mft_trainer import build_chat_template, build_mft_dataset  # noqa: E402
+from mft_trainer import build_mft_dataset, install_chat_template  # noqa: E402
 from mft_trainer.packing import pack_dataset  # noqa: E402
 from mft_trainer.attention import TORCH_VARLEN  # noqa: E402  (importing it registers torch_varlen)
 
@@ -549,19 +548,6 @@ def trl_messages(data: str) -> tuple[list[dict[str, Any]], int]:
     return conversations, skipped
 
 
-def generation_template(eos_token: str) -> str:
-    """Our chat template with `{% generation %}` around each trained span (the answer and its EOS),
-    so that TRL's `assistant_only_loss` masks exactly the tokens our renderer trains."""
-    template = build_chat_template(eos_token=eos_token)
-    answer = re.compile(r"\{\{- ('[^']*') ~ content ~ ('[^']*') ~ '\\n' -\}\}")
-    marked, count = answer.subn(
-        r"{{- \1 -}}{%- generation -%}{{- content ~ \2 -}}{%- endgeneration -%}{{- '\\n' -}}", template
-    )
-    if count != 1:
-        raise RuntimeError("could not find the assistant turn in the chat template (mft_trainer/chat_template.py)")
-    return marked
-
-
 def run_prep_row(row: Row, s: Settings) -> dict[str, Any]:
     """Seconds to turn the data files into packed training rows (tokenize, mask, pack), no cache.
     Each pipeline first runs once on a few conversations, so one-time set-up is not counted."""
@@ -585,7 +571,8 @@ def run_prep_row(row: Row, s: Settings) -> dict[str, Any]:
                 "what": "build_mft_dataset(padding_mode=pack): read + validate, render + tokenize + mask, pack"}
     if trl is None:
         raise RuntimeError("trl is not installed (pip install trl)")
-    tokenizer.chat_template = generation_template(tokenizer.eos_token)
+    # Our template marks each trained span with {% generation %}, which assistant_only_loss reads.
+    install_chat_template(tokenizer)
     model = build_model(replace(s, model="tiny"), len(tokenizer), "sdpa", torch.device("cpu"))
     output_dir = tempfile.mkdtemp(prefix="mft_bench_")
 

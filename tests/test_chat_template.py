@@ -89,6 +89,16 @@ def test_full_conversation_equals_training_text_and_ids(templated, name):
     assert text == templated.decode(rendered["input_ids"])
     ids = templated.apply_chat_template(turns(pairs), tokenize=True, return_dict=False)
     assert ids == rendered["input_ids"]
+    assert assistant_mask(templated, pairs) == trained(rendered)
+
+
+def assistant_mask(tokenizer, pairs):
+    """The template's `{% generation %}` mask, as TRL's assistant_only_loss uses it."""
+    return tokenizer.apply_chat_template(turns(pairs), return_dict=True, return_assistant_tokens_mask=True)["assistant_masks"]
+
+
+def trained(rendered):
+    return [int(label != -100) for label in rendered["labels"]]
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
@@ -110,7 +120,9 @@ def test_every_example_conversation_matches(templated, example_task_dirs):
             record = json.loads(line)
             pairs = [(t["role"], t["content"]) for t in record["chat_rounds"]]
             ids = templated.apply_chat_template(turns(pairs), return_dict=False)
-            assert ids == render_conversation(record, templated)["input_ids"], record["id"]
+            rendered = render_conversation(record, templated)
+            assert ids == rendered["input_ids"], record["id"]
+            assert assistant_mask(templated, pairs) == trained(rendered), record["id"]
             for prefix in user_prefixes(pairs):
                 prompt_ids = templated.apply_chat_template(turns(prefix), add_generation_prompt=True, return_dict=False)
                 assert prompt_ids == build_inference_prompt(turns(prefix), templated).input_ids, record["id"]
