@@ -13,9 +13,12 @@ fine-tuned model exactly as it was trained:
   the renderer's segments, with the EOS token after each answer, then `\\n`.
 - A conversation ending with a user turn and `add_generation_prompt=False` stops after the user's
   content (the assistant marker is the generation prompt), as with every Hugging Face template.
-- Each answer and its EOS token are inside `{% generation %}` markers, so that
-  `apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)` marks exactly the
-  tokens that training puts a loss on (TRL's `assistant_only_loss=True` reads the same mask).
+- With `generation_markers=True`, each answer and its EOS token are inside `{% generation %}` markers,
+  so that `apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)` marks
+  exactly the tokens that training puts a loss on (TRL's `assistant_only_loss=True` reads that mask).
+  They are off by default, and saved tokenizers do not have them: `generation` is a tag of Hugging
+  Face's Jinja set-up only, and servers that render templates with other engines (TGI's minijinja,
+  llama-cpp-python) reject a template that has it.
 - Roles are accepted in every spelling the data accepts (system, human/user, bot/assistant/gpt, any
   case); contents get the renderer's formatting (non-breaking spaces made plain, a trailing `\\n`).
   A conversation the renderer would reject (unknown role, system turn not first, roles not
@@ -81,7 +84,7 @@ _TEMPLATE = TEMPLATE_HEADER + """ (see mft_trainer/chat_template.py); generated,
             {%- set ns.expected = 'assistant' -%}
         {%- else -%}
             {{- {assistant} -}}
-            {%- generation -%}{{- content ~ {eos} -}}{%- endgeneration -%}
+            {generation}{{- content ~ {eos} -}}{endgeneration}
             {{- '\\n' -}}
             {%- set ns.expected = 'user' -%}
         {%- endif -%}
@@ -118,7 +121,9 @@ def _jinja_string(value: str) -> str:
 
 
 def build_chat_template(
-    role_markers: RoleMarkers | Mapping[str, str] | None = None, eos_token: str | None = None
+    role_markers: RoleMarkers | Mapping[str, str] | None = None,
+    eos_token: str | None = None,
+    generation_markers: bool = False,
 ) -> str:
     """The Jinja chat template of the prompt format with these role markers and EOS token.
 
@@ -128,6 +133,9 @@ def build_chat_template(
         eos_token: the text of the token that ends each assistant turn, written into the template
             as is. None uses the `eos_token` variable that `apply_chat_template` passes (the
             tokenizer's EOS token); `install_chat_template` always fills it in.
+        generation_markers: put each trained span (answer and EOS) inside `{% generation %}` markers,
+            for `return_assistant_tokens_mask` and TRL's `assistant_only_loss` (Hugging Face's Jinja
+            only; other template engines reject the tag).
 
     Returns:
         The template, to assign to `tokenizer.chat_template`.
@@ -147,6 +155,8 @@ def build_chat_template(
         "{user}": _jinja_string(markers.user),
         "{assistant}": _jinja_string(markers.assistant),
         "{eos}": "eos_token" if eos_token is None else _jinja_string(eos_token),
+        "{generation}": "{%- generation -%}" if generation_markers else "",
+        "{endgeneration}": "{%- endgeneration -%}" if generation_markers else "",
     }
     template = _TEMPLATE
     for slot, value in slots.items():
@@ -167,6 +177,7 @@ def install_chat_template(
     tokenizer: Any,
     role_markers: RoleMarkers | Mapping[str, str] | None = None,
     eos_token: str | None = None,
+    generation_markers: bool = False,
 ) -> str:
     """Set `tokenizer.chat_template` to the prompt format used in training, and return it.
 
@@ -178,6 +189,8 @@ def install_chat_template(
         tokenizer: a Hugging Face tokenizer (modified in place).
         role_markers: the turn markers (default MFTCoder's).
         eos_token: the token that ends an assistant turn (default: the tokenizer's EOS token).
+        generation_markers: mark the trained spans for `return_assistant_tokens_mask` (see
+            `build_chat_template`); off for a tokenizer that servers will load.
 
     Raises:
         ValueError: the tokenizer has no EOS token, or `eos_token` is not a token of its vocabulary.
@@ -198,6 +211,6 @@ def install_chat_template(
             "turn; use a special token as eos_token, or build prompts with build_inference_prompt",
             stacklevel=2,
         )
-    template = build_chat_template(role_markers, eos_text)
+    template = build_chat_template(role_markers, eos_text, generation_markers)
     tokenizer.chat_template = template
     return template

@@ -571,8 +571,8 @@ def run_prep_row(row: Row, s: Settings) -> dict[str, Any]:
                 "what": "build_mft_dataset(padding_mode=pack): read + validate, render + tokenize + mask, pack"}
     if trl is None:
         raise RuntimeError("trl is not installed (pip install trl)")
-    # Our template marks each trained span with {% generation %}, which assistant_only_loss reads.
-    install_chat_template(tokenizer)
+    # With {% generation %} around each trained span, which assistant_only_loss reads.
+    install_chat_template(tokenizer, generation_markers=True)
     model = build_model(replace(s, model="tiny"), len(tokenizer), "sdpa", torch.device("cpu"))
     output_dir = tempfile.mkdtemp(prefix="mft_bench_")
 

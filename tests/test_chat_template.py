@@ -72,6 +72,14 @@ def templated(tokenizer):
     return tok
 
 
+@pytest.fixture(scope="module")
+def marked(tokenizer):
+    """The template with `{% generation %}` markers, for assistant masks."""
+    tok = copy.deepcopy(tokenizer)
+    install_chat_template(tok, generation_markers=True)
+    return tok
+
+
 def test_the_design_example_renders_exactly(templated):
     conversation = turns([("system", "S"), ("human", "q1"), ("bot", "a1"), ("human", "q2"), ("bot", "a2")])
     text = templated.apply_chat_template(conversation, tokenize=False)
@@ -81,7 +89,7 @@ def test_the_design_example_renders_exactly(templated):
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
-def test_full_conversation_equals_training_text_and_ids(templated, name):
+def test_full_conversation_equals_training_text_and_ids(templated, marked, name):
     pairs = CONVERSATIONS[name]
     rendered = render_conversation({"chat_rounds": turns(pairs)}, templated)
     text = templated.apply_chat_template(turns(pairs), tokenize=False, add_generation_prompt=False)
@@ -89,7 +97,8 @@ def test_full_conversation_equals_training_text_and_ids(templated, name):
     assert text == templated.decode(rendered["input_ids"])
     ids = templated.apply_chat_template(turns(pairs), tokenize=True, return_dict=False)
     assert ids == rendered["input_ids"]
-    assert assistant_mask(templated, pairs) == trained(rendered)
+    assert marked.apply_chat_template(turns(pairs), tokenize=False) == text
+    assert assistant_mask(marked, pairs) == trained(rendered)
 
 
 def assistant_mask(tokenizer, pairs):
@@ -111,7 +120,7 @@ def test_generation_prompt_equals_inference_prompt(templated, name):
         assert ids == expected.input_ids
 
 
-def test_every_example_conversation_matches(templated, example_task_dirs):
+def test_every_example_conversation_matches(templated, marked, example_task_dirs):
     from pathlib import Path
 
     checked = 0
@@ -122,7 +131,7 @@ def test_every_example_conversation_matches(templated, example_task_dirs):
             ids = templated.apply_chat_template(turns(pairs), return_dict=False)
             rendered = render_conversation(record, templated)
             assert ids == rendered["input_ids"], record["id"]
-            assert assistant_mask(templated, pairs) == trained(rendered), record["id"]
+            assert assistant_mask(marked, pairs) == trained(rendered), record["id"]
             for prefix in user_prefixes(pairs):
                 prompt_ids = templated.apply_chat_template(turns(prefix), add_generation_prompt=True, return_dict=False)
                 assert prompt_ids == build_inference_prompt(turns(prefix), templated).input_ids, record["id"]
@@ -205,6 +214,13 @@ def test_continue_final_message_prefills_the_answer(templated):
 def test_conversations_the_renderer_rejects_raise(templated, pairs, add_generation_prompt, message):
     with pytest.raises(TemplateError, match=message):
         templated.apply_chat_template(turns(pairs), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def test_default_template_has_no_generation_tag(templated, marked):
+    """Servers that render with minijinja (TGI) or plain Jinja (llama-cpp-python) reject the tag, so
+    the template saved with a model must not have it."""
+    assert "generation" not in templated.chat_template.replace("add_generation_prompt", "")
+    assert "{%- generation -%}" in marked.chat_template
 
 
 def test_saved_and_reloaded_tokenizer_keeps_the_template(tokenizer, tmp_path):
