@@ -58,6 +58,12 @@ def _owner_of_keys() -> dict[str, type]:
     return owner
 
 
+# TrainingArguments fields annotated `str` that take true/false too: `fsdp: true` turns FSDP on
+# (configured by fsdp_config). YAML gives a bool; on the command line `--fsdp true` (or a bare
+# `--fsdp`) must mean the same, not the option string "true".
+SWITCHES_TYPED_AS_STRINGS = ("fsdp",)
+
+
 def _type_options(annotation: Any) -> list[Any]:
     """The alternatives of a field annotation: `int | None` -> [int, NoneType]."""
     origin = typing.get_origin(annotation)
@@ -96,6 +102,8 @@ def coerce_value(key: str, value: Any, annotation: Any) -> Any:
         RecipeError: a value that fits none of the field's scalar types.
     """
     options = [t for t in _type_options(annotation) if t is not type(None)]
+    if key in SWITCHES_TYPED_AS_STRINGS:
+        options.append(bool)
     scalars = [t for t in (bool, int, float) if t in options]
     if value is None or not scalars or not isinstance(value, (str, int, float)):
         return value

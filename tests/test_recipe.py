@@ -51,6 +51,19 @@ def test_command_line_overrides_win(tmp_path):
     assert recipe.training.gradient_checkpointing is True
 
 
+@pytest.mark.parametrize("flags", [["--fsdp", "true"], ["--fsdp"], ["--fsdp=True"]])
+def test_fsdp_switch_on_the_command_line_means_what_it_means_in_yaml(tmp_path, flags):
+    """TrainingArguments types `fsdp` as a string of options, but `fsdp: true` in YAML turns it on."""
+    text = "model_name_or_path: m\ndata_paths: [x]\noutput_dir: out\nuse_cpu: true\nfsdp_config: fsdp_configs/fsdp2.json\n"
+    path = write_yaml(tmp_path, text)
+    (tmp_path / "yaml").mkdir()
+    from_yaml = parse_recipe([write_yaml(tmp_path / "yaml", text + "fsdp: true\n")]).training
+    from_flags = parse_recipe([path, *flags]).training
+    assert from_flags.fsdp == from_yaml.fsdp and from_flags.fsdp
+    assert from_flags.fsdp_config == from_yaml.fsdp_config
+    assert not parse_recipe([path, "--fsdp", "false"]).training.fsdp
+
+
 def test_unknown_key_is_an_error_with_suggestions():
     with pytest.raises(RecipeError, match=r"unknown recipe key\(s\): 'learning_rat' \(did you mean learning_rate"):
         parse_recipe([f"--{k}={v}" for k, v in BASE.items()] + ["--learning_rat", "1e-4"])
