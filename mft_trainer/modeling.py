@@ -182,6 +182,34 @@ def load_model(config: ModelConfig, gradient_checkpointing: bool = False, vocab_
     return get_peft_model(model, lora)
 
 
+def keep_4bit_weights_trainable(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit layers in their training format on the CPU; returns the number of
+    4-bit layers (0 for a model without any).
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) converts a `Linear4bit` layer's weight, the first
+    time the layer runs in eval mode without gradients, to a format for inference only, and keeps
+    it. Training forwards after that go through a kernel that passes no gradient to the layer's
+    input, so the LoRA weights of every earlier layer get a wrong gradient (a layer with a bias,
+    as in Qwen2, fails instead). Training runs such forwards: evaluation, and MFTTrainer's probe of
+    the output layer at the first step. So the conversion is turned off, and undone where it has
+    already happened (bitsandbytes' own inverse, which it uses before moving a layer to a GPU).
+
+    >>> keep_4bit_weights_trainable(model)  # MFTTrainer calls it on the model it trains  # doctest: +SKIP
+    """
+    layers = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        layers += 1
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    return layers
+
+
 def has_fused_experts(model: torch.nn.Module) -> bool:
     """Whether the model keeps mixture-of-experts weights as fused 3-D parameters (transformers 5's
     Mixtral, Qwen-MoE, DeepSeek-V3), which PEFT adapts through parameter wrappers."""

@@ -52,6 +52,7 @@ from .losses import (
     per_token_cross_entropy,
     task_loss_sums,
 )
+from .modeling import keep_4bit_weights_trainable
 from .tasks import TaskRegistry
 
 # Dataset columns the collator needs; the Trainer would otherwise drop those the model's forward
@@ -128,6 +129,8 @@ class MFTTrainer(Trainer):
         )
         # The model gets no labels and computes no loss, so the Trainer's own token counting is moot.
         self.model_accepts_loss_kwargs = False
+        # Evaluation (and the first step's probe) must not switch 4-bit layers to an inference format.
+        keep_4bit_weights_trainable(self.model)
         # Refuse, before any step, a model/backend that would let packed samples attend to each other.
         check_packing_support(self.model, getattr(self.data_collator, "padding_mode", "padding"))
         if args.early_stopping_patience is not None:

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from mft_trainer.modeling import ModelConfig, load_model, load_tokenizer, trainable_parameters
+from mft_trainer.modeling import (
+    ModelConfig,
+    keep_4bit_weights_trainable,
+    load_model,
+    load_tokenizer,
+    trainable_parameters,
+)
 
 from .conftest import TOKENIZER_DIR
 from .helpers import tiny_llama
@@ -53,6 +59,58 @@ def test_qlora_quantizes_the_base_to_4bit_and_trains(base_dir):
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.fixture(scope="module")
+def base_dir_64(tmp_path_factory):
+    """Hidden size 64: bitsandbytes' CPU inference format needs a full 64-value quantization block."""
+    path = tmp_path_factory.mktemp("base64")
+    tiny_llama(128, seed=0, hidden_size=64, intermediate_size=128).save_pretrained(path)
+    return str(path)
+
+
+def qlora_gradients(base_dir, steps):
+    """The LoRA gradients of one training forward of a QLoRA model, after `steps(model)`."""
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(model_name_or_path=base_dir, peft_type="qlora", dtype="float32", lora_rank=4))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # non-zero, so that every LoRA weight has a gradient
+            torch.nn.init.normal_(parameter, std=0.05)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    steps(model)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def evaluate_a_few_tokens(model):
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.arange(4)[None])
+
+
+@pytest.mark.parametrize("order", ["guard, then eval forward", "eval forward, then guard"])
+def test_qlora_gradients_are_unchanged_by_an_eval_forward_before_training(base_dir_64, order):
+    """On a CPU with AVX512-BF16, bitsandbytes switches a 4-bit layer to an inference-only format at its
+    first eval-mode forward without gradients; training after it (MFTTrainer probes the model, and
+    evaluates, that way) gave LoRA gradients off by up to 0.3. keep_4bit_weights_trainable prevents
+    the switch, or undoes it. (A CPU without AVX512-BF16 never switches, and passes either way.)"""
+    pytest.importorskip("bitsandbytes")
+    expected = qlora_gradients(base_dir_64, lambda model: None)
+
+    def steps(model):
+        if order.startswith("guard"):
+            assert keep_4bit_weights_trainable(model) == 14  # 7 linear layers x 2 blocks
+        evaluate_a_few_tokens(model)
+        if order.startswith("eval"):
+            keep_4bit_weights_trainable(model)
+
+    got = qlora_gradients(base_dir_64, steps)
+    assert got.keys() == expected.keys() and len(got) == 28
+    # Undoing is bitsandbytes' best-effort inverse: the quantization scales come back rounded to bf16.
+    rtol, atol = (1e-5, 1e-7) if order.startswith("guard") else (1e-2, 1e-3)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
 def test_embeddings_are_resized_only_when_the_tokenizer_is_larger(base_dir):
     same = load_model(ModelConfig(model_name_or_path=base_dir), vocab_size=100)
     assert same.get_input_embeddings().num_embeddings == 128
@@ -88,3 +146,27 @@ def test_model_config_validation(kwargs, message):
 
 def test_trust_remote_code_is_off_by_default():
     assert ModelConfig(model_name_or_path="m").trust_remote_code is False
+
+
+def test_mft_trainer_keeps_a_qlora_model_trainable_through_evaluation(base_dir_64, tmp_path):
+    """MFTTrainer evaluates (and probes its model at the first step) in eval mode without gradients:
+    afterwards every 4-bit layer must still be in its training format. (With gradient checkpointing
+    the embeddings' output requires grad even then, which also stops the switch: so, off here.)"""
+    pytest.importorskip("bitsandbytes")
+    from datasets import Dataset
+
+    from mft_trainer import MFTConfig, MFTTrainer, TaskRegistry
+    from mft_trainer.collator import DataCollatorForMFT
+
+    model = load_model(ModelConfig(model_name_or_path=base_dir_64, peft_type="qlora", dtype="float32", lora_rank=4))
+    samples = [{"input_ids": list(range(5, 17)), "labels": [-100] * 4 + list(range(9, 17)), "task_id": 0}] * 2
+    trainer = MFTTrainer(model=model, args=MFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                                     disable_tqdm=True, max_steps=1, gradient_checkpointing=False),
+                         train_dataset=Dataset.from_list(samples), eval_dataset=Dataset.from_list(samples),
+                         data_collator=DataCollatorForMFT(pad_token_id=0), tasks=TaskRegistry.from_names(["a"]))
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(layers) == 14
+    trainer.evaluate()
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    trainer.train()
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
