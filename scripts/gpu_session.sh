@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# The project's GPU checks (issues 4, 5 and 7) for a session that is lent the device (~15 minutes in
-# all, 10 per call). Most important first, each part under its own time limit so that a slow part
-# cannot starve the next, and every part writes into $OUT as it goes (a timeout keeps what finished).
+# The project's GPU checks (issues 4, 5 and 7) for a session that is lent the device. A session has
+# ~15 minutes of device time in all, the machine's start included, and 10 minutes per call: one call
+# of `all` is what fits. Most important first, each step under its own time limit so that a slow
+# step cannot starve the next, and every step writes into $OUT as it goes (a timeout keeps what
+# finished).
 #
 #   here, once:   bash scripts/gpu_session.sh prepare   # .whl/ (wheels the GPU lacks) and .device/ (data,
-#                                                       # tokenizer, installer); both git-ignored
-#   device call:  bash scripts/gpu_session.sh part1     # carry [".whl", ".device"], timeout_s 590
-#   if time left: bash scripts/gpu_session.sh part2     # same carry; a fresh machine reinstalls (~1 min)
+#                                                       # installer); both git-ignored
+#   device call:  bash scripts/gpu_session.sh all       # carry [".whl", ".device"], timeout_s 590
 #
 # Travels: the tracked tree (~7 MB) + .whl (~48 MB) + .device (~4 MB), under the 64 MiB limit.
-# part1 (~9.5 min): loss-path memory at 16k tokens x 152k vocab (issue 7), then the benchmark on the
-#   Qwen2-0.5B shape (issue 7; its pack/padding_free rows per attention backend are issue 4's throughput
-#   table, and MFTTrainer probes each backend for leaks between packed samples before its rows).
-# part2 (~8 min): the CUDA-only training combinations (issue 5), the 1.5B rows of the MFU target, and
-#   gpu_check_packing.py's per-backend leak probes and loss comparison (issue 4).
+# all (~9.5 min; limits in seconds):
+#   loss_memory     70  loss-path memory at 16k tokens x 152k vocab, chunk sweep (issue 7)
+#   benchmark_0.5b 230  the benchmark on the Qwen2-0.5B shape, rows most important first: the targets'
+#                       rows (ours vs TRL vs MFTCoder-style padding, issue 7), then the chunked loss,
+#                       then the other attention backends (issue 4's layouts x backends table)
+#   benchmark_1.5b 100  our best row and TRL's on the 1.5B shape: the MFU target (issue 7)
+#   training        75  QLoRA on CUDA (bf16, 4-bit kernels) under DDP and FSDP2 (issue 5)
+#   packing_probes  45  per-backend leak probes between packed samples and loss comparison (issue 4)
+# part1 and part2 split the same checks with more time each (the full 0.5B benchmark, every training
+# combination), for a session with more device time.
 #
-# To check this script on a CPU first: OUT=/tmp/gpu_out TINY=1 bash scripts/gpu_session.sh part1 (tiny sizes,
+# To check this script on a CPU first: OUT=/tmp/gpu_out TINY=1 bash scripts/gpu_session.sh all (tiny sizes,
 # the example data; the installer's failure without .whl is logged and the venv's packages are used).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh prepare|part1|part2}
+part=${1:?usage: gpu_session.sh prepare|all|part1|part2}
 
 if [ "$part" = prepare ]; then
   set -e
@@ -53,11 +59,30 @@ if [ "${TINY:-0}" = 1 ]; then
   memory_size=(--tokens 256 --vocab 2048 --hidden 64) model05=(--tiny) model15=(--tiny)
 fi
 
+# bitsandbytes initialises CUDA when transformers imports it, which stops the benchmark from forking
+# its rows from a preloaded process (it would start a fresh interpreter per row, ~2 min more): it is
+# set aside for the benchmarks and put back for the training checks.
+hide_bitsandbytes() { mkdir -p /tmp/site_hidden; mv /tmp/site/bitsandbytes* /tmp/site_hidden/ 2>/dev/null || true; }
+show_bitsandbytes() { mv /tmp/site_hidden/bitsandbytes* /tmp/site/ 2>/dev/null || true; }
+
 case "$part" in
+  all)
+    hide_bitsandbytes
+    step loss_memory 70 python scripts/benchmark_loss_memory.py "${memory_size[@]}" --chunk_size 0,2048,4096 \
+      --out "$OUT/loss_memory.json"
+    step benchmark_0.5b 230 python scripts/benchmark.py "${model05[@]}" "${data[@]}" --budget_s 220 --steps 6 \
+      --warmup 2 --workdir /tmp/bench --out "$OUT/benchmark_0.5b.json" --table "$OUT/benchmark_0.5b.md"
+    step benchmark_1.5b 100 python scripts/benchmark.py "${model15[@]}" "${data[@]}" --budget_s 90 --steps 6 \
+      --warmup 2 --only "mft pack torch_varlen plain,trl rows torch_varlen" --skip coba --workdir /tmp/bench15 \
+      --out "$OUT/benchmark_1.5b.json" --table "$OUT/benchmark_1.5b.md"
+    show_bitsandbytes
+    step training 75 python scripts/gpu_check_training.py "${tiny[@]}" "${data[@]}" --only qlora_ddp qlora_fsdp2 \
+      --out "$OUT/training.json"
+    step packing_probes 45 python scripts/gpu_check_packing.py "${tiny[@]}" "${data[@]}" --steps 2 --warmup 1 \
+      --layouts pack,padding_free --out "$OUT/gpu_check_packing.json"
+    ;;
   part1)
-    # bitsandbytes initialises CUDA when transformers imports it, which stops the benchmark from forking
-    # its rows from a preloaded process (it would start a fresh interpreter per row, ~2 min more).
-    rm -rf /tmp/site/bitsandbytes*
+    hide_bitsandbytes
     # The default chunk (832 positions at this vocabulary) beside larger ones: fewer passes over the
     # output weight's float32 gradient, more memory.
     step loss_memory 120 python scripts/benchmark_loss_memory.py "${memory_size[@]}" --chunk_size 0,2048,4096 \
@@ -66,6 +91,7 @@ case "$part" in
       --workdir /tmp/bench --out "$OUT/benchmark_0.5b.json" --table "$OUT/benchmark_0.5b.md"
     ;;
   part2)
+    show_bitsandbytes
     step training 240 python scripts/gpu_check_training.py "${tiny[@]}" "${data[@]}" --out "$OUT/training.json"
     step benchmark_1.5b 180 python scripts/benchmark.py "${model15[@]}" "${data[@]}" --budget_s 170 \
       --only "mft pack torch_varlen,trl rows torch_varlen,mft padding sdpa plain,mft padding_free_samples torch_varlen" \
@@ -73,6 +99,6 @@ case "$part" in
     step packing_probes 100 python scripts/gpu_check_packing.py "${tiny[@]}" "${data[@]}" --steps 2 --warmup 1 \
       --layouts pack,padding_free --out "$OUT/gpu_check_packing.json"
     ;;
-  *) echo "unknown part $part: prepare, part1 or part2" >&2; exit 2 ;;
+  *) echo "unknown part $part: prepare, all, part1 or part2" >&2; exit 2 ;;
 esac
 log "done"
