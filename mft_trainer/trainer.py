@@ -629,7 +629,8 @@ def pad_for_even_batches(dataset: Any, multiple: int) -> Any:
         return dataset
     placeholder = {}
     for key, value in first.items():
-        if isinstance(value, (list, tuple, torch.Tensor)) and len(value) > 0:
+        per_token = isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() > 0)
+        if per_token and len(value) > 0:
             value = value[:1]  # every per-token field keeps one token
         placeholder[key] = value
     labels = placeholder["labels"]

@@ -160,6 +160,9 @@ def test_eval_set_padding_for_ranks_adds_items_without_loss():
     row = {"input_ids": [4, 5, 6], "labels": [-100, 5, 6], "task_ids": [1, 1, 2], "position_ids": [0, 1, 0]}
     assert pad_for_even_batches([row], 2)[1] == {"input_ids": [4], "labels": [-100], "task_ids": [1],
                                                  "position_ids": [0]}
+    torch_format = Dataset.from_list(samples).with_format("torch")  # task_id a 0-d tensor
+    placeholder = pad_for_even_batches(torch_format, 3)[8]
+    assert placeholder["labels"].tolist() == [-100] and placeholder["task_id"].item() == samples[0]["task_id"]
     for unchanged in (pad_for_even_batches(samples, 4), pad_for_even_batches(samples, 1), pad_for_even_batches([], 3)):
         assert isinstance(unchanged, list)
 
