@@ -76,8 +76,9 @@ case "$part" in
       --warmup 2 --only "mft pack torch_varlen plain,trl rows torch_varlen" --skip coba --workdir /tmp/bench15 \
       --out "$OUT/benchmark_1.5b.json" --table "$OUT/benchmark_1.5b.md"
     show_bitsandbytes
-    step training 75 python scripts/gpu_check_training.py "${tiny[@]}" "${data[@]}" --only qlora_ddp qlora_fsdp2 \
-      --out "$OUT/training.json"
+    # The example data (100 conversations) is enough for a few QLoRA steps and saves the tokenizing.
+    step training 75 python scripts/gpu_check_training.py "${tiny[@]}" --data examples/data \
+      --tokenizer examples/tokenizers/gpt2 --only qlora_ddp qlora_fsdp2 --out "$OUT/training.json"
     step packing_probes 45 python scripts/gpu_check_packing.py "${tiny[@]}" "${data[@]}" --steps 2 --warmup 1 \
       --layouts pack,padding_free --out "$OUT/gpu_check_packing.json"
     ;;
