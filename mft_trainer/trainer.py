@@ -339,6 +339,15 @@ class MFTTrainer(Trainer):
         self._eval_sums = torch.zeros(4, self.num_tasks, device=self.args.device)
         dataset = getattr(dataloader, "dataset", None)
         padded = dataset if isinstance(dataset, _PaddedDataset) else None
+        if padded is not None and self.args.train_sampling_strategy == "group_by_length":
+            # The length-grouped sampler mixes the placeholders into the set: they add nothing to the
+            # losses, but cannot be cut from the predictions by position.
+            if self.compute_metrics is not None:
+                logger.warning(
+                    "group_by_length on %d ranks: compute_metrics also gets %d placeholder items (labels all -100) "
+                    "that even out the ranks' batches", self.accelerator.num_processes, padded.extra,
+                )
+            padded = None
         compute_metrics = self.compute_metrics
         if padded is not None and compute_metrics is not None:
             self.compute_metrics = self._metrics_without_placeholders(compute_metrics, padded)
