@@ -24,17 +24,19 @@ balancer's state is saved beside the model in every checkpoint (`coba_state.json
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import broadcast
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
-from transformers.trainer_utils import EvalLoopOutput, EvalPrediction, TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import EvalLoopOutput, TrainOutput, get_last_checkpoint
 
 from .attention import check_packing_support
 from .chunked_loss import OutputHeadLoss
@@ -337,20 +339,6 @@ class MFTTrainer(Trainer):
         """Run the Trainer's loop, then replace its mean of batch losses by the exact loss of the
         configured mode over the whole set, and add the per-task losses."""
         self._eval_sums = torch.zeros(4, self.num_tasks, device=self.args.device)
-        dataset = getattr(dataloader, "dataset", None)
-        padded = dataset if isinstance(dataset, _PaddedDataset) else None
-        if padded is not None and self.args.train_sampling_strategy == "group_by_length":
-            # The length-grouped sampler mixes the placeholders into the set: they add nothing to the
-            # losses, but cannot be cut from the predictions by position.
-            if self.compute_metrics is not None:
-                logger.warning(
-                    "group_by_length on %d ranks: compute_metrics also gets %d placeholder items (labels all -100) "
-                    "that even out the ranks' batches", self.accelerator.num_processes, padded.extra,
-                )
-            padded = None
-        compute_metrics = self.compute_metrics
-        if padded is not None and compute_metrics is not None:
-            self.compute_metrics = self._metrics_without_placeholders(compute_metrics, padded)
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
@@ -358,13 +346,9 @@ class MFTTrainer(Trainer):
             sums = self._eval_sums
         finally:
             self._eval_sums = None
-            self.compute_metrics = compute_metrics
-        if padded is not None:
-            output = output._replace(
-                predictions=_drop_tail(output.predictions, len(padded), padded.extra),
-                label_ids=_drop_tail(output.label_ids, len(padded), padded.extra),
-                num_samples=len(padded) - padded.extra,
-            )
+        dataset = getattr(dataloader, "dataset", None)
+        if isinstance(dataset, _PaddedDataset):
+            output = output._replace(num_samples=dataset.total_dataset_length)
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
         if sums[2].sum() > 0:
@@ -376,6 +360,13 @@ class MFTTrainer(Trainer):
                     output.metrics[f"{metric_key_prefix}_loss/{name}"] = (sums[0, task_id] / sums[2, task_id]).item()
         return output
 
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """The Trainer's `model_init` (hyperparameter search), with 4-bit layers kept trainable as in
+        `__init__`."""
+        model = super().call_model_init(trial)
+        keep_4bit_weights_trainable(model)
+        return model
+
     def _get_dataloader(
         self,
         dataset: Any,
@@ -386,28 +377,17 @@ class MFTTrainer(Trainer):
         dataloader_key: str | None = None,
     ) -> Any:
         """The Trainer's dataloader; for evaluation on several ranks, over the set completed with items
-        that carry no loss, so that accelerate has no batch to complete with repeated samples (which
-        would count twice in the eval losses)."""
+        that carry no loss (`pad_for_even_batches`), so that accelerate has no batch to complete with
+        repeated samples, which would count twice in the eval losses."""
         ranks = self.accelerator.num_processes
         if not is_training and ranks > 1 and not self.args.dataloader_drop_last:
-            dataset = pad_for_even_batches(dataset, batch_size * ranks)
+            # accelerate's global batch: split_batches divides `batch_size` among the ranks.
+            global_batch = batch_size if self.accelerator.split_batches else batch_size * ranks
+            padded = pad_for_even_batches(dataset, global_batch)
+            if padded is not dataset and sampler_fn is not None:
+                sampler_fn = functools.partial(_sampler_with_placeholders_last, sampler_fn)
+            dataset = padded
         return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
-
-    def _metrics_without_placeholders(self, compute_metrics: Any, padded: _PaddedDataset) -> Any:
-        """`compute_metrics` on the predictions of the set's own items: the placeholders that even
-        the ranks out (pad_for_even_batches) come last, so they are the tail of the gathered arrays
-        (of the last batch's, with `batch_eval_metrics`)."""
-        length = len(padded)
-        if self.args.batch_eval_metrics:
-            length = self.args.eval_batch_size * self.accelerator.num_processes
-
-        def without_placeholders(prediction: EvalPrediction, **kwargs: Any) -> Any:
-            if self.args.batch_eval_metrics and not kwargs.get("compute_result"):
-                return compute_metrics(prediction, **kwargs)
-            fields = (prediction.predictions, prediction.label_ids, prediction.inputs, prediction.losses)
-            return compute_metrics(EvalPrediction(*(_drop_tail(f, length, padded.extra) for f in fields)), **kwargs)
-
-        return without_placeholders
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as the Trainer does, plus the task registry (`tasks.json`) beside the model, and with
@@ -606,26 +586,61 @@ def _pad_token_id(tokenizer: Any) -> int:
 
 
 class _PaddedDataset(torch.utils.data.Dataset):
-    """`dataset` followed by `extra` copies of `placeholder`."""
+    """`dataset` followed by `extra` copies of `placeholder`.
+
+    `total_dataset_length` is the length without them: accelerate reads it to know how many items
+    of the last gathered batch are real, so `gather_for_metrics` (the Trainer's predictions, hence
+    `compute_metrics` and `predict`) drops the placeholders as it drops repeated samples. That holds
+    while they come last, which `_sampler_with_placeholders_last` keeps true for any sampler.
+    """
 
     def __init__(self, dataset: Any, placeholder: dict[str, Any], extra: int):
         self.dataset, self.placeholder, self.extra = dataset, placeholder, extra
+        self.total_dataset_length = len(dataset)
 
     def __len__(self) -> int:
-        return len(self.dataset) + self.extra
+        return self.total_dataset_length + self.extra
 
     def __getitem__(self, index: int) -> Any:
-        return self.dataset[index] if index < len(self.dataset) else dict(self.placeholder)
+        return self.dataset[index] if index < self.total_dataset_length else dict(self.placeholder)
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """Batched reads, as the DataLoader makes them (one Arrow read for a datasets.Dataset)."""
+        real = [i for i in indices if i < self.total_dataset_length]
+        read = getattr(self.dataset, "__getitems__", None)
+        items = list(read(real)) if read is not None and real else [self.dataset[i] for i in real]
+        return items + [dict(self.placeholder) for _ in range(len(indices) - len(real))]
+
+
+class _PlaceholdersLast(torch.utils.data.Sampler):
+    """The indices of `sampler` (over the set without placeholders), then the placeholders'."""
+
+    def __init__(self, sampler: Any, size: int, extra: int):
+        self.sampler, self.size, self.extra = sampler, size, extra
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.sampler
+        yield from range(self.size, self.size + self.extra)
+
+    def __len__(self) -> int:
+        return len(self.sampler) + self.extra
+
+
+def _sampler_with_placeholders_last(sampler_fn: Any, padded: _PaddedDataset) -> Any:
+    """The Trainer's eval sampler over the set itself (a length-grouped one reads its lengths), with
+    the placeholders after it; None (sequential order) stays None."""
+    sampler = sampler_fn(padded.dataset)
+    return None if sampler is None else _PlaceholdersLast(sampler, padded.total_dataset_length, padded.extra)
 
 
 def pad_for_even_batches(dataset: Any, multiple: int) -> Any:
-    """`dataset` with items appended up to a multiple of `multiple` (ranks x batch size), each a
+    """`dataset` with items appended up to a multiple of `multiple` (accelerate's global batch), each a
     one-token copy of the first item with no trained token, so it adds nothing to any loss or count.
 
     accelerate gives every rank the same number of full batches (each rank must run every forward:
     DDP, ZeRO-3 and FSDP exchange data in it) by completing the last ones with samples from the start
     of the set; these placeholders take their place. A set that already divides evenly, has no length
-    or is empty is returned as it is.
+    (an IterableDataset) or is empty is returned as it is.
     """
     if multiple <= 1 or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
         return dataset
@@ -638,23 +653,15 @@ def pad_for_even_batches(dataset: Any, multiple: int) -> Any:
         return dataset
     placeholder = {}
     for key, value in first.items():
-        per_token = isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() > 0)
-        if per_token and len(value) > 0:
+        # Lists, tensors and numpy arrays with a token axis (a 0-d task_id is not one).
+        if (isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0) and len(value) > 0:
             value = value[:1]  # every per-token field keeps one token
         placeholder[key] = value
     labels = placeholder["labels"]
-    no_target = torch.full_like(labels, IGNORE_INDEX) if isinstance(labels, torch.Tensor) else [IGNORE_INDEX]
-    placeholder["labels"] = no_target
+    if isinstance(labels, torch.Tensor):
+        placeholder["labels"] = torch.full_like(labels, IGNORE_INDEX)
+    elif isinstance(labels, np.ndarray):
+        placeholder["labels"] = np.full_like(labels, IGNORE_INDEX)
+    else:
+        placeholder["labels"] = [IGNORE_INDEX]
     return _PaddedDataset(dataset, placeholder, extra)
-
-
-def _drop_tail(values: Any, length: int, extra: int) -> Any:
-    """`values` (an array, or nested tuples/lists of them) without their last `extra` items, where
-    their first dimension holds `length` items; anything else as it is."""
-    if isinstance(values, (list, tuple)):
-        return type(values)(_drop_tail(value, length, extra) for value in values)
-    shape = getattr(values, "shape", None)
-    if shape is not None and len(shape) > 0 and shape[0] == length:
-        return values[: length - extra]
-    return values
-

@@ -10,9 +10,9 @@
 #   device call:  bash scripts/gpu_session.sh all       # carry [".whl", ".device"], timeout_s 590
 #
 # Travels: the tracked tree (~7 MB) + .whl (~48 MB) + .device (~4 MB), under the 64 MiB limit.
-# all (~9.5 min; limits in seconds):
+# all (~9 min: ~1 min of install, then the steps' limits, 505 s in all):
 #   loss_memory     70  loss-path memory at 16k tokens x 152k vocab, chunk sweep (issue 7)
-#   benchmark_0.5b 230  the benchmark on the Qwen2-0.5B shape, rows most important first: the targets'
+#   benchmark_0.5b 215  the benchmark on the Qwen2-0.5B shape, rows most important first: the targets'
 #                       rows (ours vs TRL vs MFTCoder-style padding, issue 7), then the chunked loss,
 #                       then the other attention backends (issue 4's layouts x backends table)
 #   benchmark_1.5b 100  our best row and TRL's on the 1.5B shape: the MFU target (issue 7)
@@ -43,7 +43,7 @@ log() { echo "[$(( $(date +%s) - began ))s] $*" | tee -a "$OUT/session.log"; }
 step() {
   local name=$1 limit=$2; shift 2
   log "$name: start (limit ${limit}s)"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
   log "$name: exit $?"
   tail -n 25 "$OUT/$name.log"
 }
@@ -62,15 +62,24 @@ fi
 # bitsandbytes initialises CUDA when transformers imports it, which stops the benchmark from forking
 # its rows from a preloaded process (it would start a fresh interpreter per row, ~2 min more): it is
 # set aside for the benchmarks and put back for the training checks.
-hide_bitsandbytes() { mkdir -p /tmp/site_hidden; mv /tmp/site/bitsandbytes* /tmp/site_hidden/ 2>/dev/null || true; }
-show_bitsandbytes() { mv /tmp/site_hidden/bitsandbytes* /tmp/site/ 2>/dev/null || true; }
+# Entry by entry, replacing what an earlier call on the same machine left, so that a move never fails.
+move_bitsandbytes() {
+  local from=$1 to=$2 entry
+  mkdir -p "$to"
+  for entry in "$from"/bitsandbytes*; do
+    [ -e "$entry" ] || continue
+    rm -rf "$to/$(basename "$entry")" && mv "$entry" "$to/"
+  done
+}
+hide_bitsandbytes() { move_bitsandbytes /tmp/site /tmp/site_hidden; }
+show_bitsandbytes() { move_bitsandbytes /tmp/site_hidden /tmp/site; }
 
 case "$part" in
   all)
     hide_bitsandbytes
     step loss_memory 70 python scripts/benchmark_loss_memory.py "${memory_size[@]}" --chunk_size 0,2048,4096 \
       --out "$OUT/loss_memory.json"
-    step benchmark_0.5b 230 python scripts/benchmark.py "${model05[@]}" "${data[@]}" --budget_s 220 --steps 6 \
+    step benchmark_0.5b 215 python scripts/benchmark.py "${model05[@]}" "${data[@]}" --budget_s 205 --steps 6 \
       --warmup 2 --workdir /tmp/bench --out "$OUT/benchmark_0.5b.json" --table "$OUT/benchmark_0.5b.md"
     step benchmark_1.5b 100 python scripts/benchmark.py "${model15[@]}" "${data[@]}" --budget_s 90 --steps 6 \
       --warmup 2 --only "mft pack torch_varlen plain,trl rows torch_varlen" --skip coba --workdir /tmp/bench15 \

@@ -99,6 +99,8 @@ def test_qlora_gradients_are_unchanged_by_an_eval_forward_before_training(base_d
     def steps(model):
         if order.startswith("guard"):
             assert keep_4bit_weights_trainable(model) == 14  # 7 linear layers x 2 blocks
+            # What keeps the layers trainable on any CPU (this one may lack AVX512-BF16 and never switch).
+            assert not any(m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
         evaluate_a_few_tokens(model)
         if order.startswith("eval"):
             keep_4bit_weights_trainable(model)
@@ -166,6 +168,7 @@ def test_mft_trainer_keeps_a_qlora_model_trainable_through_evaluation(base_dir_6
                          data_collator=DataCollatorForMFT(pad_token_id=0), tasks=TaskRegistry.from_names(["a"]))
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     assert len(layers) == 14
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)  # fails without the guard on any CPU
     trainer.evaluate()
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     trainer.train()

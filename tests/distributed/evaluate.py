@@ -28,7 +28,13 @@ from tests.distributed.one_step import MODES, TASK_WEIGHTS, VOCAB, make_samples 
 from tests.helpers import tiny_llama  # noqa: E402
 
 LAYOUTS = ("padding", "padding_free")
-METRICS = ("whole set", "batch by batch")  # compute_metrics once, or with batch_eval_metrics
+# compute_metrics once, with batch_eval_metrics, on a length-grouped order, on unconcatenated batches
+METRICS = {
+    "whole set": {},
+    "batch by batch": {"batch_eval_metrics": True},
+    "length grouped": {"train_sampling_strategy": "group_by_length"},
+    "unconcatenated": {"eval_do_concat_batches": False},
+}
 
 
 class CountItems:
@@ -38,9 +44,11 @@ class CountItems:
         self.items, self.trained = 0, 0
 
     def __call__(self, prediction, compute_result: bool = True) -> dict[str, float]:
-        assert len(prediction.predictions) == len(prediction.label_ids)
-        self.items += len(prediction.label_ids)
-        self.trained += int((prediction.label_ids != -100).sum())
+        labels = prediction.label_ids
+        batches = labels if isinstance(labels, list) else [labels]  # eval_do_concat_batches=False: a list
+        assert len(prediction.predictions) == len(labels)
+        self.items += sum(len(batch) for batch in batches)
+        self.trained += sum(int((batch != -100).sum()) for batch in batches)
         result = {"items": self.items, "trained": self.trained}
         if compute_result:
             self.items, self.trained = 0, 0
@@ -62,7 +70,7 @@ def evaluate(
         use_cpu=True,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True,
-        batch_eval_metrics=metrics == "batch by batch",
+        **(METRICS[metrics] if metrics else {}),
     )
     trainer = MFTTrainer(
         model=model,
@@ -73,7 +81,13 @@ def evaluate(
         compute_metrics=CountItems() if metrics else None,
     )
     results = trainer.evaluate()
-    return {name: value for name, value in results.items() if name.startswith(("eval_loss", "eval_items", "eval_trained"))}
+    results = {name: value for name, value in results.items() if name.startswith(("eval_loss", "eval_items", "eval_trained"))}
+    if metrics:
+        predicted = trainer.predict(trainer.eval_dataset)
+        labels = predicted.label_ids if isinstance(predicted.label_ids, list) else [predicted.label_ids]
+        results["predicted_items"] = sum(len(batch) for batch in labels)
+        results["predicted_num_samples"] = predicted.metrics.get("test_samples", len(trainer.eval_dataset))
+    return results
 
 
 def main() -> None:
