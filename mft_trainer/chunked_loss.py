@@ -47,7 +47,7 @@ DEFAULT_CHUNK_BUDGET_BYTES = 1 << 30
 
 def default_chunk_size(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
     """Positions per chunk so that a chunk's vocabulary-sized buffers take about `budget_bytes`
-    (1 GiB by default: 880 positions at a 152k vocabulary), a multiple of 64, at least 64."""
+    (1 GiB by default: 832 positions at a 152k vocabulary), a multiple of 64, at least 64."""
     return max(64, budget_bytes // (_BYTES_PER_LOGIT * vocab_size) // 64 * 64)
 
 

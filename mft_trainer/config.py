@@ -94,7 +94,7 @@ class MFTConfig(TrainingArguments):
     loss_chunk_size: int = field(
         default=0,
         metadata={
-            "help": "chunked loss: positions per chunk; 0 picks about 1 GiB of chunk buffers (880 positions at a "
+            "help": "chunked loss: positions per chunk; 0 picks about 1 GiB of chunk buffers (832 positions at a "
             "152k vocabulary)."
         },
     )

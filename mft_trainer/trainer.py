@@ -209,19 +209,14 @@ class MFTTrainer(Trainer):
         else:
             normalizers, weights = batch_counts, self._task_weights
         head_loss = None if (return_outputs and self._logits_wanted) else self._output_head_loss(model, inputs)
-        fused_loss = None  # the loss, when the chunked output layer computed it (and its gradient)
-        if head_loss is None:
-            outputs = model(**inputs, use_cache=False)
-            per_token = per_token_cross_entropy(outputs.logits, labels)  # [B, L]
-        else:
-            coefficients = None
-            if model.training and torch.is_grad_enabled():
-                # The fused layer computes the gradient of sum(coefficients * per-token loss) in its forward.
-                coefficients = loss_coefficients(
-                    labels, task_ids, segment_ids, self.loss_mode, normalizers, weights.to(labels.device),
-                    dtype=loss_dtype(head_loss.head.weight.dtype),
-                )
-            outputs, per_token, fused_loss = self._forward_head_loss(model, inputs, head_loss, labels, coefficients)
+        coefficients = None
+        if head_loss is not None and model.training and torch.is_grad_enabled():
+            # The fused layer computes the gradient of sum(coefficients * per-token loss) in its forward.
+            coefficients = loss_coefficients(
+                labels, task_ids, segment_ids, self.loss_mode, normalizers, weights.to(labels.device),
+                dtype=loss_dtype(head_loss.head.weight.dtype),
+            )
+        outputs, per_token, fused_loss = self._forward_per_token_loss(model, inputs, labels, head_loss, coefficients)
         sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)  # [2, T]
         if fused_loss is None:
             loss = combine_task_sums(sums, self.loss_mode, normalizers, weights.to(per_token.device))
@@ -273,14 +268,19 @@ class MFTTrainer(Trainer):
         return None
 
     @staticmethod
-    def _forward_head_loss(
+    def _forward_per_token_loss(
         model: nn.Module,
         inputs: dict[str, Any],
-        head_loss: OutputHeadLoss,
         labels: torch.Tensor,
-        coefficients: torch.Tensor | None,
+        head_loss: OutputHeadLoss | None,
+        coefficients: torch.Tensor | None = None,
     ) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
-        """Forward with the output layer computing the loss: (outputs, per-token loss, loss or None)."""
+        """The forward and its per-token loss ``[B, L]``: (outputs, per-token loss, loss or None). The
+        loss is there when the chunked output layer computed it (and its gradient) from `coefficients`;
+        without `head_loss`, the plain path takes the model's full logits."""
+        if head_loss is None:
+            outputs = model(**inputs, use_cache=False)
+            return outputs, per_token_cross_entropy(outputs.logits, labels), None
         with head_loss.computing(labels, coefficients) as result:
             outputs = model(**inputs, use_cache=False)
         if result.per_token is None:
@@ -500,10 +500,7 @@ class MFTTrainer(Trainer):
                 # No gradient and no graph: these forwards are CoBa's only cost.
                 head_loss = self._output_head_loss(model, inputs)
                 with torch.no_grad(), self.compute_loss_context_manager():
-                    if head_loss is None:
-                        per_token = per_token_cross_entropy(model(**inputs, use_cache=False).logits, labels)  # [B, L]
-                    else:
-                        _, per_token, _ = self._forward_head_loss(model, inputs, head_loss, labels, None)  # [B, L]
+                    _, per_token, _ = self._forward_per_token_loss(model, inputs, labels, head_loss)  # [B, L]
                 if rows:
                     token_sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)[0]  # [T]
                     counts = count_normalizers(
