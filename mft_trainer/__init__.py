@@ -16,7 +16,9 @@ from .dataset import MFTDataset, build_mft_dataset
 from .inference import ChatSession, Generation, GenerationOptions, generate_answers, load_model_and_tokenizer
 from .losses import LossMode
 from .records import DataValidationError, InvalidRecord, Problem, RecordError, parse_record
-from .rendering import InferencePrompt, RoleMarkers, build_inference_prompt, render_conversation
+from .prompt_format import ChatTemplateError, ChatTemplateMode, build_inference_prompt, get_prompt_format, render_conversation
+from .rendering import RoleMarkers
+from .segments import InferencePrompt, PromptFormat
 from .summary import DatasetSummary, PackingSummary, TaskSummary
 from .tasks import TaskRegistry, resolve_task_sources
 from .trainer import MFTTrainer, NonFiniteLossError
@@ -27,6 +29,8 @@ __all__ = [
     "OutputHeadLoss",
     "linear_cross_entropy",
     "ChatSession",
+    "ChatTemplateError",
+    "ChatTemplateMode",
     "CoBaBalancer",
     "DataCollatorForMFT",
     "DataConfig",
@@ -45,6 +49,7 @@ __all__ = [
     "PackingError",
     "PackingSummary",
     "PaddingMode",
+    "PromptFormat",
     "Problem",
     "RecordError",
     "RoleMarkers",
@@ -56,6 +61,7 @@ __all__ = [
     "check_packing_support",
     "default_attn_implementation",
     "generate_answers",
+    "get_prompt_format",
     "install_chat_template",
     "load_model_and_tokenizer",
     "parse_record",

@@ -46,7 +46,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .records import ROLE_ALIASES, ROLE_SPELLINGS
-from .rendering import RoleMarkers, resolve_eos_token_id
+from .rendering import RoleMarkers
+from .segments import resolve_eos_token_id
 
 # Every template built here starts with this comment, so that ours can be told from a base model's.
 TEMPLATE_HEADER = "{#- mft-trainer prompt format"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional, Union
 
+from .prompt_format import check_chat_template_setting
 from .rendering import RoleMarkers
 from .splitting import parse_data_split
 
@@ -56,7 +57,7 @@ class DataConfig:
 
     Groups:
         where: data_paths, valid_data_paths
-        samples: seq_length, overlength_policy, role_markers, eos_token, skip_invalid_records
+        samples: seq_length, overlength_policy, chat_template, role_markers, eos_token, skip_invalid_records
         batches: padding_mode
         split: data_split, split_seed
         processing: tokenize_num_proc, dataset_cache_dir
@@ -106,15 +107,30 @@ class DataConfig:
             "position_ids restarting at every sample and no attention_mask; see docs/packing.md."
         },
     )
+    chat_template: str = field(
+        default="mftcoder",
+        metadata={
+            "help": "How conversations are written, in training and at inference: 'mftcoder' (MFTCoder's "
+            "<s>human/<s>bot markers, token for token; the saved tokenizer gets a template that reproduces them), "
+            "'model' (the tokenizer's own chat template, e.g. ChatML or Llama-3 headers, kept as it is on the saved "
+            "tokenizer), or the path of a .jinja template file (installed on the saved tokenizer). In the template "
+            "modes each assistant turn's content and end-of-turn marker are trained, nothing else; see "
+            "docs/data_format.md."
+        },
+    )
     role_markers: Optional[dict] = field(
         default=None,
         metadata={
-            "help": 'Turn markers {"system": ..., "user": ..., "assistant": ...}; default MFTCoder\'s '
+            "help": 'Turn markers of chat_template mftcoder {"system": ..., "user": ..., "assistant": ...}; default MFTCoder\'s '
             '"<s>system\\n", "<s>human\\n", "<s>bot\\n".'
         },
     )
     eos_token: Optional[str] = field(
-        default=None, metadata={"help": "Token that ends every assistant turn; default the tokenizer's EOS token."}
+        default=None,
+        metadata={
+            "help": "Token that ends every assistant turn of chat_template mftcoder, and every text record; default "
+            "the tokenizer's EOS token. In the template modes, assistant turns end with what the template writes."
+        },
     )
     skip_invalid_records: bool = field(
         default=False,
@@ -157,6 +173,7 @@ class DataConfig:
                 'use one of them (with valid_data_paths, leave data_split unset or "100,0")'
             )
         RoleMarkers.from_config(self.role_markers)  # validate early, with the same message as later
+        check_chat_template_setting(self.chat_template, self.role_markers)
         self.padding_mode = PaddingMode.parse(self.padding_mode).value
         if self.tokenize_num_proc is not None and self.tokenize_num_proc < 1:
             raise ValueError(f"tokenize_num_proc must be >= 1, got {self.tokenize_num_proc!r}")
@@ -176,6 +193,7 @@ class DataConfig:
             "seq_length": self.seq_length,
             "overlength_policy": self.overlength_policy,
             "splits_long_samples": self.splits_long_samples,
+            "chat_template": self.chat_template,
             "role_markers": RoleMarkers.from_config(self.role_markers).to_dict(),
             "eos_token": self.eos_token,
         }

@@ -31,7 +31,9 @@ from .constants import IGNORE_INDEX
 from .data_config import DataConfig, OverlengthPolicy, PaddingMode
 from .packing import concat_dataset, pack_dataset
 from .records import DataValidationError, Record, RecordError, read_records
-from .rendering import RoleMarkers, record_segments, resolve_eos_token_id, tokenize_segments
+from .prompt_format import get_prompt_format
+from .segments import PromptFormat, tokenize_segments
+from .template_rendering import ChatTemplateError
 from .splitting import split_indices
 from .summary import DatasetSummary, TaskSummary
 from .tasks import TaskRegistry, resolve_task_sources
@@ -39,7 +41,7 @@ from .tasks import TaskRegistry, resolve_task_sources
 logger = logging.getLogger(__name__)
 
 # Bump when the tokenized layout changes, so that old cache files are not reused.
-_CACHE_FORMAT_VERSION = 1
+_CACHE_FORMAT_VERSION = 2
 SAMPLE_COLUMNS = ("input_ids", "labels", "task_id")
 
 _STATUS_KEPT = "kept"
@@ -73,6 +75,7 @@ class MFTDataset:
     tasks: TaskRegistry
     summary: DatasetSummary
     padding_mode: str = PaddingMode.PADDING.value
+    prompt_format: PromptFormat | None = None  # how the conversations were written (config.chat_template)
 
     def collator(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> DataCollatorForMFT:
         """The collator for these rows: `DataCollatorForMFT` with this dataset's padding_mode."""
@@ -84,20 +87,24 @@ class MFTDataset:
 class _Tokenizer:
     """The `datasets.map` function: render and tokenize a batch of records of one task."""
 
-    def __init__(self, tokenizer: Any, markers: RoleMarkers, eos_token_id: int, config: DataConfig, task_id: int):
+    def __init__(self, tokenizer: Any, prompt_format: PromptFormat, config: DataConfig, task_id: int):
         self.tokenizer = tokenizer
-        self.markers = markers
-        self.eos_token_id = eos_token_id
+        self.prompt_format = prompt_format
         # concat cuts long documents across rows, so no sample is too long for it.
         self.max_length = None if config.splits_long_samples else config.seq_length
         self.truncate = config.overlength_policy == OverlengthPolicy.TRUNCATE.value
         self.task_id = task_id
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        segments = [record_segments(Record.from_row(row), self.markers) for row in rows]
+        records = [Record.from_row(dict(zip(batch, values))) for values in zip(*batch.values())]
+        try:
+            segments = self.prompt_format.batch_training_segments(records)
+        except ChatTemplateError as e:
+            # Name the record: the template's error is about this conversation, not the whole task.
+            where = records[e.record_index].source if e.record_index is not None else None
+            raise ChatTemplateError(f"{where}: {e}" if where else str(e)) from None
         out: dict[str, list] = {name: [] for name in _TOKENIZED_FEATURES}
-        for sample in tokenize_segments(segments, self.tokenizer, self.eos_token_id):
+        for sample in tokenize_segments(segments, self.tokenizer, self.prompt_format.eos_token_id):
             input_ids, labels, status = sample["input_ids"], sample["labels"], _STATUS_KEPT
             if self.max_length is not None and len(input_ids) > self.max_length:
                 if self.truncate:
@@ -126,13 +133,13 @@ def _cache_dir(config: DataConfig) -> Path | None:
 
 
 def _tokenize_task(
-    name: str, records: list[Record], task_id: int, tokenizer: Any, config: DataConfig, eos_token_id: int
+    name: str, records: list[Record], task_id: int, tokenizer: Any, config: DataConfig, prompt_format: PromptFormat
 ) -> Dataset:
     raw = Dataset.from_list([r.to_row() for r in records])
     settings = config.render_settings()
-    # The fingerprint of `raw` hashes the records' content; with the tokenizer and the render
-    # settings it identifies the result, so a cached file is reused only when nothing changed.
-    key = Hasher.hash([_CACHE_FORMAT_VERSION, raw._fingerprint, tokenizer, settings, eos_token_id, task_id])
+    # The fingerprint of `raw` hashes the records' content; with the tokenizer, the render settings
+    # and the prompt format it identifies the result, so a cached file is reused only when nothing changed.
+    key = Hasher.hash([_CACHE_FORMAT_VERSION, raw._fingerprint, tokenizer, settings, prompt_format.cache_key(), task_id])
     cache_dir = _cache_dir(config)
     cache_file = None
     if cache_dir is not None:
@@ -140,7 +147,7 @@ def _tokenize_task(
         safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         cache_file = str(cache_dir / f"{safe_name}-{key}.arrow")
     return raw.map(
-        _Tokenizer(tokenizer, RoleMarkers.from_config(config.role_markers), eos_token_id, config, task_id),
+        _Tokenizer(tokenizer, prompt_format, config, task_id),
         batched=True,
         batch_size=256,
         remove_columns=raw.column_names,
@@ -205,8 +212,10 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
             their file and line.
         ValueError: a task with no sample (no valid record, or all dropped as over-length), or
             validation data for a task that has no training data.
+        ChatTemplateError: the chat template cannot be trained with, or cannot mask a record (its
+            file and line are named).
     """
-    eos_token_id = resolve_eos_token_id(tokenizer, config.eos_token)
+    prompt_format = get_prompt_format(tokenizer, config.chat_template, config.role_markers, config.eos_token)
     train_sources = resolve_task_sources(config.data_paths)
     valid_sources = resolve_task_sources(config.valid_data_paths) if config.valid_data_paths is not None else {}
     unknown = sorted(set(valid_sources) - set(train_sources))
@@ -236,7 +245,7 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
                 f"{task_summary.skipped_invalid} invalid record(s) skipped)"
             )
         train = _count_and_keep(
-            _tokenize_task(name, train_records[name], task_id, tokenizer, config, eos_token_id), task_summary
+            _tokenize_task(name, train_records[name], task_id, tokenizer, config, prompt_format), task_summary
         )
         if len(train) == 0:
             raise ValueError(
@@ -246,7 +255,7 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
             )
         if name in valid_records:
             valid = _count_and_keep(
-                _tokenize_task(f"{name} (valid)", valid_records[name], task_id, tokenizer, config, eos_token_id),
+                _tokenize_task(f"{name} (valid)", valid_records[name], task_id, tokenizer, config, prompt_format),
                 task_summary,
             )
         else:
@@ -281,5 +290,8 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
 
     for warning in summary.warnings:
         logger.warning(warning)
-    return MFTDataset(train=train, valid=valid, tasks=tasks, summary=summary, padding_mode=config.padding_mode)
+    return MFTDataset(
+        train=train, valid=valid, tasks=tasks, summary=summary, padding_mode=config.padding_mode,
+        prompt_format=prompt_format,
+    )
 

@@ -1,10 +1,12 @@
 """Chat and batch inference with a fine-tuned model, prompted exactly as in training (invariant 5).
 
-Prompts are built by `build_inference_prompt`, the renderer used for training, and passed to
-`model.generate` as token ids, so the model sees the training tokens and nothing else. Generation
-stops at the EOS token that ends every trained answer; the answer text excludes the prompt, the EOS
-and the newline that closes each turn in the prompt format, so that it can go back into the history
-as the assistant's content and render to the same bytes the model produced.
+Prompts are built by the run's prompt format (`chat_template`: MFTCoder's markers, the model's own
+template or a template file), the renderer used for training, and passed to `model.generate` as
+token ids, so the model sees the training tokens and nothing else. Generation stops at the
+end-of-turn token that ends every trained answer (the EOS in MFTCoder's format, `<|im_end|>`,
+`<|eot_id|>`, ... in a template); the answer text excludes the prompt, that token and what the format
+writes before it (MFTCoder's newline), so that it can go back into the history as the assistant's
+content and render to the same bytes the model produced.
 
 - `load_model_and_tokenizer`: a full model directory, or a LoRA adapter directory (its base model is
   loaded first, then the adapter with peft).
@@ -33,7 +35,10 @@ from typing import Any, TextIO
 import torch
 
 from .records import InvalidRecord, Problem, RecordError, iter_jsonl_lines, single_turn_context
-from .rendering import InferencePrompt, RoleMarkers, build_inference_prompt, resolve_eos_token_id
+from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
+from .prompt_format import ChatTemplateMode, build_inference_prompt, get_prompt_format
+from .rendering import RoleMarkers
+from .segments import InferencePrompt, PromptFormat
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +122,8 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if is_gguf_path(model_path):
+        model_path = converted_gguf_checkpoint(model_path)
     adapter = is_adapter_dir(model_path)
     if base_model is not None and not adapter:
         raise ValueError(f"base_model was given but {model_path} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
@@ -133,10 +140,58 @@ def load_model_and_tokenizer(
             # Training added tokens and saved the resized embeddings with the adapter.
             model.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(model, str(model_path))
+        if (Path(model_path) / "generation_config.json").is_file():
+            # Training saves the generation config beside the adapter: it stops at the trained end of turn.
+            from transformers import GenerationConfig
+
+            model.base_model.model.generation_config = GenerationConfig.from_pretrained(str(model_path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def saved_prompt_format(
+    model_dir: str | os.PathLike,
+    tokenizer: Any,
+    chat_template: str | None = None,
+    role_markers: RoleMarkers | Mapping[str, str] | None = None,
+    eos_token: str | None = None,
+) -> PromptFormat:
+    """The prompt format a saved run was trained in, for its saved tokenizer.
+
+    The run's `run_config.yaml` (written by scripts/train.py) gives `chat_template`, `role_markers`
+    and `eos_token`; arguments that are not None override it. A template mode (`model` or a
+    .jinja file) means the saved tokenizer's own template, which training kept or installed. Without
+    a run config, a tokenizer whose template is MFTCoder's (or that has none) means `mftcoder`,
+    any other template `model` (a base model is prompted in its own template); but an adapter
+    directory without a tokenizer of its own means the default, `mftcoder`, since its base model's
+    template says nothing of how the adapter was trained.
+
+    >>> model, tok = load_model_and_tokenizer("output/run1")                        # doctest: +SKIP
+    >>> saved_prompt_format("output/run1", tok).name                                # doctest: +SKIP
+    "the tokenizer's chat template"
+    """
+    from .chat_template import is_mft_chat_template
+    from .recipe import RUN_CONFIG_FILE
+
+    settings: dict[str, Any] = {}
+    run_config = Path(model_dir) / RUN_CONFIG_FILE
+    if run_config.is_file():
+        import yaml
+
+        settings = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("data", {}) or {}
+    mode = chat_template or settings.get("chat_template")
+    if mode is None and is_adapter_dir(model_dir) and not _has_tokenizer(model_dir):
+        mode = ChatTemplateMode.MFTCODER.value
+    if mode is None:
+        template = getattr(tokenizer, "chat_template", None)
+        mode = ChatTemplateMode.MFTCODER.value if not template or is_mft_chat_template(template) else "model"
+    if mode != ChatTemplateMode.MFTCODER.value:
+        mode = ChatTemplateMode.MODEL.value  # the saved tokenizer carries the template training used
+        return get_prompt_format(tokenizer, mode, eos_token=eos_token or settings.get("eos_token"))
+    markers = role_markers if role_markers is not None else settings.get("role_markers")
+    return get_prompt_format(tokenizer, mode, markers, eos_token or settings.get("eos_token"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,15 +271,29 @@ class Generation:
     stopped_at_eos: bool
 
 
-def _answer(new_ids: Sequence[int], tokenizer: Any, eos_token_id: int) -> Generation:
+def _answer(new_ids: Sequence[int], tokenizer: Any, prompt_format: PromptFormat) -> Generation:
     new_ids = list(new_ids)
-    stopped = eos_token_id in new_ids
-    answer_ids = new_ids[: new_ids.index(eos_token_id)] if stopped else new_ids
+    end_of_turn = prompt_format.end_of_turn_token_id
+    stopped = end_of_turn in new_ids
+    answer_ids = new_ids[: new_ids.index(end_of_turn)] if stopped else new_ids
     text = tokenizer.decode(answer_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    if stopped and text.endswith("\n"):
-        # Trained answers are `{content}\n` + EOS: the newline belongs to the format, not the content.
-        text = text[:-1]
+    if stopped:
+        # What the format writes between the content and the end-of-turn token (MFTCoder's `\n`)
+        # belongs to the format, not the content.
+        text = prompt_format.answer_text(text)
     return Generation(text=text, token_ids=new_ids[: len(answer_ids) + stopped], stopped_at_eos=stopped)
+
+
+def resolve_prompt_format(
+    tokenizer: Any,
+    chat_template: str | PromptFormat = ChatTemplateMode.MFTCODER.value,
+    role_markers: RoleMarkers | Mapping[str, str] | None = None,
+    eos_token: str | None = None,
+) -> PromptFormat:
+    """`chat_template` itself when it is a `PromptFormat`, else the format it names."""
+    if isinstance(chat_template, PromptFormat):
+        return chat_template
+    return get_prompt_format(tokenizer, chat_template, role_markers, eos_token)
 
 
 @torch.no_grad()
@@ -233,18 +302,20 @@ def generate_from_prompts(
     tokenizer: Any,
     prompts: Sequence[InferencePrompt],
     options: GenerationOptions | None = None,
-    eos_token_id: int | None = None,
+    prompt_format: PromptFormat | None = None,
 ) -> list[Generation]:
     """Generate one answer per prompt, all in one `generate` call (left-padded).
 
     Args:
         prompts: from `build_inference_prompt`; their `input_ids` go to the model unchanged.
-        eos_token_id: the id that ends an answer (default: the tokenizer's EOS).
+        prompt_format: the format the prompts are in; its end-of-turn token ends an answer
+            (default MFTCoder's format, which ends answers with the tokenizer's EOS).
     """
     if not prompts:
         return []
     options = options or GenerationOptions()
-    eos_token_id = resolve_eos_token_id(tokenizer) if eos_token_id is None else eos_token_id
+    prompt_format = prompt_format or get_prompt_format(tokenizer)
+    eos_token_id = prompt_format.end_of_turn_token_id
     # Base tokenizers often have no pad token; any id works, since padded positions are masked out.
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id
     width = max(len(p.input_ids) for p in prompts)
@@ -257,7 +328,7 @@ def generate_from_prompts(
         attention_mask=attention_mask.to(device),
         generation_config=options.generation_config(eos_token_id, pad_token_id),
     )  # [B, L + new]
-    return [_answer(row[width:].tolist(), tokenizer, eos_token_id) for row in output]
+    return [_answer(row[width:].tolist(), tokenizer, prompt_format) for row in output]
 
 
 def generate_answers(
@@ -268,6 +339,7 @@ def generate_answers(
     role_markers: RoleMarkers | Mapping[str, str] | None = None,
     eos_token: str | None = None,
     batch_size: int = 8,
+    chat_template: str | PromptFormat = ChatTemplateMode.MFTCODER.value,
 ) -> list[Generation]:
     """Answer the last user turn of each conversation.
 
@@ -275,8 +347,9 @@ def generate_answers(
         conversations: lists of `{"role", "content"}` turns ending with a user turn (roles as in
             `chat_rounds`), or records with a `chat_rounds` key.
         options: decoding options (default greedy, 512 new tokens).
-        role_markers, eos_token: as in training (`DataConfig`); the defaults are MFTCoder's markers
-            and the tokenizer's EOS.
+        role_markers, eos_token, chat_template: the prompt format, as in training (`DataConfig`); the
+            defaults are MFTCoder's markers and the tokenizer's EOS. `chat_template` may also be a
+            `PromptFormat`.
         batch_size: conversations per `generate` call.
 
     Raises:
@@ -286,11 +359,11 @@ def generate_answers(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    eos_token_id = resolve_eos_token_id(tokenizer, eos_token)
-    prompts = [build_inference_prompt(c, tokenizer, role_markers, eos_token) for c in conversations]
+    prompt_format = resolve_prompt_format(tokenizer, chat_template, role_markers, eos_token)
+    prompts = [build_inference_prompt(c, tokenizer, chat_template=prompt_format) for c in conversations]
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
-        results += generate_from_prompts(model, tokenizer, prompts[start : start + batch_size], options, eos_token_id)
+        results += generate_from_prompts(model, tokenizer, prompts[start : start + batch_size], options, prompt_format)
     return results
 
 
@@ -310,14 +383,13 @@ class ChatSession:
         system: str | None = None,
         role_markers: RoleMarkers | Mapping[str, str] | None = None,
         eos_token: str | None = None,
+        chat_template: str | PromptFormat = ChatTemplateMode.MFTCODER.value,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.options = options or GenerationOptions()
         self.system = system
-        self.role_markers = RoleMarkers.from_config(role_markers)
-        self.eos_token = eos_token
-        self.eos_token_id = resolve_eos_token_id(tokenizer, eos_token)
+        self.prompt_format = resolve_prompt_format(tokenizer, chat_template, role_markers, eos_token)
         self.history: list[dict[str, str]] = []
 
     def messages(self, question: str) -> list[dict[str, str]]:
@@ -327,7 +399,7 @@ class ChatSession:
 
     def prompt(self, question: str) -> InferencePrompt:
         """The prompt that `ask(question)` would give the model."""
-        return build_inference_prompt(self.messages(question), self.tokenizer, self.role_markers, self.eos_token)
+        return build_inference_prompt(self.messages(question), self.tokenizer, chat_template=self.prompt_format)
 
     def ask(self, question: str) -> Generation:
         """Answer `question` in the context of the conversation so far, and add the round to it.
@@ -336,7 +408,7 @@ class ChatSession:
             InvalidRecord: the question is empty.
         """
         generation = generate_from_prompts(
-            self.model, self.tokenizer, [self.prompt(question)], self.options, self.eos_token_id
+            self.model, self.tokenizer, [self.prompt(question)], self.options, self.prompt_format
         )[0]
         if generation.text.strip():
             self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": generation.text}]
@@ -410,18 +482,20 @@ def read_batch_requests(
     role_markers: RoleMarkers | Mapping[str, str] | None = None,
     eos_token: str | None = None,
     output_key: str = "generated",
+    chat_template: str | PromptFormat = ChatTemplateMode.MFTCODER.value,
 ) -> list[BatchRequest]:
     """Read and check every record of a batch-inference jsonl file, before anything is generated.
 
     Raises:
         BatchInputError: some records are invalid (each listed with its line and what is wrong).
     """
+    prompt_format = resolve_prompt_format(tokenizer, chat_template, role_markers, eos_token)
     requests, errors = [], []
     for line, decoded in iter_jsonl_lines(Path(path)):
         try:
             if isinstance(decoded, InvalidRecord):
                 raise decoded
-            prompt = build_inference_prompt(record_messages(decoded), tokenizer, role_markers, eos_token)
+            prompt = build_inference_prompt(record_messages(decoded), tokenizer, chat_template=prompt_format)
             if output_key in decoded:
                 raise InvalidRecord(
                     Problem.AMBIGUOUS_FORMAT,
@@ -447,6 +521,7 @@ def run_batch(
     role_markers: RoleMarkers | Mapping[str, str] | None = None,
     eos_token: str | None = None,
     output_key: str = "generated",
+    chat_template: str | PromptFormat = ChatTemplateMode.MFTCODER.value,
 ) -> int:
     """Answer every record of a jsonl file; write each record plus `{output_key: answer}` as jsonl.
 
@@ -457,14 +532,14 @@ def run_batch(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    requests = read_batch_requests(input_path, tokenizer, role_markers, eos_token, output_key)
-    eos_token_id = resolve_eos_token_id(tokenizer, eos_token)
+    prompt_format = resolve_prompt_format(tokenizer, chat_template, role_markers, eos_token)
+    requests = read_batch_requests(input_path, tokenizer, output_key=output_key, chat_template=prompt_format)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     cut_short = 0
     with open(output_path, "w", encoding="utf-8") as out:
         for start in range(0, len(requests), batch_size):
             batch = requests[start : start + batch_size]
-            generations = generate_from_prompts(model, tokenizer, [r.prompt for r in batch], options, eos_token_id)
+            generations = generate_from_prompts(model, tokenizer, [r.prompt for r in batch], options, prompt_format)
             for request, generation in zip(batch, generations, strict=True):
                 out.write(json.dumps({**request.record, output_key: generation.text}, ensure_ascii=False) + "\n")
                 cut_short += not generation.stopped_at_eos

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
@@ -14,6 +15,8 @@ from typing import Any, Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,11 @@ class ModelConfig:
     `--help` shows. Defaults follow MFTCoder (LoRA rank 96, alpha 32, dropout 0.05, all linear layers)."""
 
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Path (or hub id) of the base model; any AutoModelForCausalLM."}
+        default=None,
+        metadata={
+            "help": "Path (or hub id) of the base model; any AutoModelForCausalLM. A .gguf file is converted once "
+            "into a trainable checkpoint (cached in ~/.cache/mft_trainer/gguf, or $MFT_TRAINER_CACHE/gguf)."
+        },
     )
     tokenizer_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Tokenizer path; default model_name_or_path."}
@@ -102,9 +109,32 @@ class ModelConfig:
         return torch.float32
 
 
+def resolve_model_path(config: ModelConfig) -> ModelConfig:
+    """The config with a .gguf model (or tokenizer) replaced by its converted checkpoint directory
+    (converted on first use, then reused while the file is unchanged; mft_trainer.gguf_conversion)."""
+    updates = {}
+    for name in ("model_name_or_path", "tokenizer_name_or_path"):
+        value = getattr(config, name)
+        if is_gguf_path(value):
+            updates[name] = str(converted_gguf_checkpoint(value))
+    return dataclasses.replace(config, **updates) if updates else config
+
+
+def add_stop_token(model: Any, token_id: int) -> None:
+    """List `token_id` in the model's `generation_config.eos_token_id`, so that `generate()` (and
+    servers reading the saved generation_config.json) stop at the end of a trained turn."""
+    config = model.generation_config
+    current = config.eos_token_id
+    ids = [] if current is None else [current] if isinstance(current, int) else list(current)
+    if token_id not in ids:
+        ids.append(token_id)
+    config.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
 def load_tokenizer(config: ModelConfig) -> Any:
     """Load the tokenizer; one without a pad token pads with its EOS token (as MFTCoder does: padding
     is masked out of attention and loss, so its id never matters)."""
+    config = resolve_model_path(config)
     tokenizer = AutoTokenizer.from_pretrained(
         config.tokenizer_name_or_path or config.model_name_or_path, trust_remote_code=config.trust_remote_code
     )
@@ -139,6 +169,7 @@ def load_model(config: ModelConfig, gradient_checkpointing: bool = False, vocab_
             checkpointing itself on from its arguments).
         vocab_size: the tokenizer's size; embeddings are resized only when it exceeds the model's.
     """
+    config = resolve_model_path(config)
     dtype = config.torch_dtype()
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation:

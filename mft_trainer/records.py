@@ -15,11 +15,12 @@ Accepted formats (see docs/data_format.md):
 
 >>> parse_record({"chat_rounds": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "hello"}]})
 Record(format=<RecordFormat.CHAT: 'chat'>, messages=(Message(role='user', content='hi'), \
-Message(role='assistant', content='hello')), text=None)
+Message(role='assistant', content='hello')), text=None, source=None)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -88,11 +89,13 @@ class Message:
 
 @dataclass(frozen=True)
 class Record:
-    """A validated record. `messages` for chat and single-turn records, `text` for text records."""
+    """A validated record. `messages` for chat and single-turn records, `text` for text records;
+    `source` says where it was read (`path:line`), for errors found after validation."""
 
     format: RecordFormat
     messages: tuple[Message, ...] = ()
     text: str | None = None
+    source: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         """The record as a row of a `datasets.Dataset` (one schema for every format)."""
@@ -100,12 +103,13 @@ class Record:
             "format": self.format.value,
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "text": self.text,
+            "source": self.source,
         }
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Record:
         messages = tuple(Message(m["role"], m["content"]) for m in row["messages"])
-        return cls(RecordFormat(row["format"]), messages, row["text"])
+        return cls(RecordFormat(row["format"]), messages, row["text"], row.get("source"))
 
 
 class InvalidRecord(ValueError):
@@ -300,7 +304,8 @@ def read_records(paths: Sequence[Path]) -> TaskRecords:
             try:
                 if isinstance(decoded, InvalidRecord):
                     raise decoded
-                result.records.append(parse_record(decoded))
+                record = parse_record(decoded)
+                result.records.append(dataclasses.replace(record, source=f"{path}:{line_number}"))
             except InvalidRecord as e:
                 result.errors.append(RecordError(str(path), line_number, e.problem, str(e)))
     return result

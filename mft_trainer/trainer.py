@@ -390,13 +390,17 @@ class MFTTrainer(Trainer):
         return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as the Trainer does, plus the task registry (`tasks.json`) beside the model, and with
-        coba the balancer's state (`coba_state.json`). The Trainer saves every checkpoint through
-        here, before its `trainer_state.json`, so a complete checkpoint always has both."""
+        """Save as the Trainer does, plus the task registry (`tasks.json`) beside the model, with
+        coba the balancer's state (`coba_state.json`), and for an adapter the model's generation config
+        (which says where generation stops). The Trainer saves every checkpoint through here, before
+        its `trainer_state.json`, so a complete checkpoint always has them."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             output_dir = output_dir or self.args.output_dir
             self.tasks.save(output_dir)
+            generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+            if generation_config is not None and not os.path.isfile(os.path.join(output_dir, "generation_config.json")):
+                generation_config.save_pretrained(output_dir)  # PEFT saves the adapter only
             if self.coba is not None:
                 with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
                     json.dump(self.coba.state_dict(), f)

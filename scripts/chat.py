@@ -16,8 +16,11 @@ optional system). Every record is checked before anything is generated.
 
 Interactive mode reads one question per line and keeps the conversation: /reset forgets it, /exit
 (or end of input) quits. `--show_prompt` prints each full prompt first (to stderr), to see exactly
-what the model is given. The prompt format (role_markers, eos_token) is read from the run_config.yaml
-that train.py saves beside the model; --role_markers / --eos_token override it.
+what the model is given. The prompt format is the one the model was trained in: the chat_template
+(role_markers, eos_token) of the run_config.yaml that train.py saves beside the model, or, without
+one, the saved tokenizer's own template (MFTCoder's format when it has MFTCoder's template or none).
+--chat_template model / mftcoder and --role_markers / --eos_token override it; a base model from
+the hub (or a .gguf file) is prompted in its own template.
 """
 
 import argparse
@@ -26,9 +29,6 @@ import json
 import logging
 import sys
 import typing
-from pathlib import Path
-
-import yaml
 
 from transformers import set_seed
 
@@ -41,8 +41,8 @@ from mft_trainer.inference import (
     load_model_and_tokenizer,
     run_batch,
     run_interactive,
+    saved_prompt_format,
 )
-from mft_trainer.recipe import RUN_CONFIG_FILE
 from mft_trainer.rendering import RoleMarkers
 
 logger = logging.getLogger("chat")
@@ -59,15 +59,6 @@ def json_object(value: str) -> dict:
     return parsed
 
 
-def training_prompt_format(model_dir: str) -> dict:
-    """role_markers and eos_token of the training run, from the run_config.yaml that train.py saves."""
-    path = Path(model_dir) / RUN_CONFIG_FILE
-    if not path.is_file():
-        return {"role_markers": None, "eos_token": None}
-    data = (yaml.safe_load(path.read_text()) or {}).get("data", {})
-    return {"role_markers": data.get("role_markers"), "eos_token": data.get("eos_token")}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a model directory, or a LoRA adapter directory")
@@ -81,6 +72,9 @@ def main() -> int:
     parser.add_argument("--batch_size", type=int, default=8, help="records per generate call (batch mode)")
     parser.add_argument("--system", help="system prompt of the conversation (interactive mode)")
     parser.add_argument("--show_prompt", action="store_true", help="print each full prompt to stderr first")
+    parser.add_argument("--chat_template", choices=("mftcoder", "model"),
+                        help="the prompt format: mftcoder, or model (the saved tokenizer's own template); "
+                        "default: the one the model was trained in")
     parser.add_argument("--role_markers", type=json_object,
                         help='turn markers used in training, as JSON: \'{"user": "<|user|>\\n", ...}\'')
     parser.add_argument("--eos_token", help="the token that ends an assistant turn, if training set one")
@@ -113,21 +107,24 @@ def main() -> int:
         args.model, base_model=args.base_model, dtype=args.dtype, device=args.device,
         trust_remote_code=args.trust_remote_code,
     )
-    prompt_format = training_prompt_format(args.model)
-    prompt_format.update({k: v for k, v in (("role_markers", args.role_markers), ("eos_token", args.eos_token)) if v})
+    try:
+        prompt_format = saved_prompt_format(args.model, tokenizer, args.chat_template, args.role_markers, args.eos_token)
+    except ValueError as e:  # includes ChatTemplateError
+        parser.exit(2, f"error: {e}\n")
+    logger.info("prompt format: %s", prompt_format.name)
 
     # Batch mode: jsonl -> jsonl.
     if args.input is not None:
         try:
             count = run_batch(model, tokenizer, args.input, args.output, options, args.batch_size,
-                              output_key=args.output_key, **prompt_format)
+                              output_key=args.output_key, chat_template=prompt_format)
         except BatchInputError as e:
             parser.exit(1, f"error: {e}\n")
         logger.info("wrote %d answers to %s", count, args.output)
         return 0
 
     # Interactive mode: one question per line, the history carried from round to round.
-    session = ChatSession(model, tokenizer, options, system=args.system, **prompt_format)
+    session = ChatSession(model, tokenizer, options, system=args.system, chat_template=prompt_format)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Commands: " + ", ".join(CHAT_COMMANDS) + ". One question per line.", file=sys.stderr)

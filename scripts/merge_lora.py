@@ -11,10 +11,13 @@ is copied when the adapter directory has one.
 The base model defaults to the one the adapter recorded (`base_model_name_or_path` in
 adapter_config.json). QLoRA adapters are merged into the unquantized base, loaded in `--dtype`
 (bfloat16 for a model trained in bf16; "auto" keeps the checkpoint's dtype). The tokenizer is the
-adapter directory's when it has one (training saves it there), else the base model's. The chat
-template that training installed is kept; any other (none, or a base model's own) is replaced by the
-template of the prompt format with `--role_markers`/`--eos_token` (default MFTCoder's), and giving
-either option always rewrites it.
+adapter directory's when it has one (training saves it there), else the base model's.
+
+The chat template is the one the adapter was trained in (scripts/chat.py finds it the same way):
+with `chat_template: model` or a template file, the saved tokenizer's template, kept as it is; with
+MFTCoder's format, the template that training installed, or, when the tokenizer has another one
+(a base model's own), MFTCoder's template with `--role_markers`/`--eos_token` (giving either option
+always rewrites it). The merged model's generation config stops at the format's end-of-turn token.
 """
 
 import argparse
@@ -25,7 +28,15 @@ import sys
 from pathlib import Path
 
 from mft_trainer.chat_template import install_chat_template, is_mft_chat_template
-from mft_trainer.inference import DTYPE_CHOICES, adapter_base_model, is_adapter_dir, load_model_and_tokenizer
+from mft_trainer.inference import (
+    DTYPE_CHOICES,
+    adapter_base_model,
+    is_adapter_dir,
+    load_model_and_tokenizer,
+    saved_prompt_format,
+)
+from mft_trainer.modeling import add_stop_token
+from mft_trainer.rendering import MFTCoderFormat
 from mft_trainer.recipe import RUN_CONFIG_FILE
 from mft_trainer.tasks import TASKS_FILE
 
@@ -61,11 +72,17 @@ def main() -> int:
     )
     merged = model.merge_and_unload()
 
-    # Tokenizer: keep the template training wrote (a base model's own template is not the trained
-    # format), unless the markers are given here.
-    if not is_mft_chat_template(tokenizer.chat_template) or args.role_markers is not None or args.eos_token is not None:
-        install_chat_template(tokenizer, role_markers=args.role_markers, eos_token=args.eos_token)
+    # Tokenizer: the template the adapter was trained in. In MFTCoder's format a base model's own
+    # template is not the trained format, so MFTCoder's template replaces it.
+    prompt_format = saved_prompt_format(args.adapter, tokenizer, role_markers=args.role_markers,
+                                        eos_token=args.eos_token)
+    if isinstance(prompt_format, MFTCoderFormat) and (
+        not is_mft_chat_template(tokenizer.chat_template) or args.role_markers is not None or args.eos_token is not None
+    ):
+        eos_token = tokenizer.convert_ids_to_tokens(prompt_format.eos_token_id)
+        install_chat_template(tokenizer, role_markers=prompt_format.markers, eos_token=eos_token)
         logger.info("installed the chat template of the training prompt format")
+    add_stop_token(merged, prompt_format.end_of_turn_token_id)
 
     # Save a standalone model, the tokenizer, the task registry and the run's resolved recipe (whose
     # prompt format scripts/chat.py reads).

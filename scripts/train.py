@@ -1,19 +1,25 @@
 """Multi-task fine-tuning of a causal LM with MFTTrainer, from one recipe.
 
     torchrun --nproc_per_node 8 scripts/train.py examples/recipes/qwen2.5-coder-7b-lora.yaml
-    python scripts/train.py examples/recipes/demo.yaml --max_steps 10      # the README demo, on a CPU
+    python scripts/train.py examples/recipes/demo.yaml                      # the README demo, on a CPU
+    python scripts/train.py examples/recipes/tiny.yaml --max_steps 10      # a tiny random model, seconds
     accelerate launch --config_file fsdp_configs/fsdp2.yaml scripts/train.py recipe.yaml
     python scripts/train.py mftcoder_config.json                            # an MFTCoder JSON config
     python scripts/train.py --help                                          # every recipe key
 
 The recipe is a YAML file of ModelConfig, DataConfig and MFTConfig (TrainingArguments) fields;
-`--key value` flags override it. The run saves the model (or LoRA adapter), the tokenizer, the task
-registry (tasks.json) and the resolved recipe (run_config.yaml) into output_dir.
+`--key value` flags override it. The run saves the model (or LoRA adapter), the tokenizer with the
+chat template it was trained in (`chat_template`), the task registry (tasks.json) and the resolved
+recipe (run_config.yaml) into output_dir; the generation config stops at the template's end-of-turn
+token. `model_name_or_path` may be a .gguf file (converted once into a trainable checkpoint, cached).
+With `eval_on_start: true` the per-task validation losses before and after training are printed.
 """
 
+import dataclasses
 import logging
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import datasets
 import transformers
@@ -23,7 +29,16 @@ from transformers.trainer_utils import get_last_checkpoint
 from mft_trainer import MFTTrainer, build_mft_dataset
 from mft_trainer.attention import default_attn_implementation  # also registers the torch_varlen backend
 from mft_trainer.chat_template import install_chat_template
-from mft_trainer.modeling import load_model, load_tokenizer, trainable_parameters
+from mft_trainer.modeling import (
+    ModelConfig,
+    PeftType,
+    add_stop_token,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+    trainable_parameters,
+)
+from mft_trainer.prompt_format import ChatTemplateMode, template_source
 from mft_trainer.recipe import RUN_CONFIG_FILE, RecipeError, help_text, parse_recipe
 
 logger = logging.getLogger("mft_trainer.train")
@@ -38,6 +53,44 @@ def resolve_checkpoint(requested, output_dir: str):
         logger.info("resume_from_checkpoint %s: %s", requested, last or "no checkpoint yet, starting fresh")
         return last
     return requested
+
+
+def set_chat_template(tokenizer, data_config) -> None:
+    """Give the tokenizer the template training writes, so that every checkpoint's tokenizer prompts the
+    model exactly as trained: MFTCoder's format as a template, a template file's text, or (model) the
+    tokenizer's own template, kept as it is."""
+    if data_config.chat_template == ChatTemplateMode.MFTCODER.value:
+        install_chat_template(tokenizer, role_markers=data_config.role_markers, eos_token=data_config.eos_token)
+    elif data_config.chat_template != ChatTemplateMode.MODEL.value:
+        tokenizer.chat_template, _ = template_source(tokenizer, data_config.chat_template)
+
+
+def materialize_random_base(model_config: ModelConfig, args) -> ModelConfig:
+    """LoRA on a random_init model: save the random base weights into output_dir/base_model and train
+    the adapter on that checkpoint, so that merge_lora.py and chat.py can load the adapter's base."""
+    base_dir = Path(args.output_dir) / "base_model"
+    with args.main_process_first(desc="saving the random base model"):
+        if args.should_save and not (base_dir / "config.json").is_file():
+            random_base = load_model(dataclasses.replace(model_config, peft_type=PeftType.NONE.value))
+            random_base.save_pretrained(base_dir)
+    logger.info("random_init with %s: the random base weights are saved in %s (the adapter's base model)",
+                model_config.peft_type, base_dir)
+    return dataclasses.replace(model_config, model_name_or_path=str(base_dir.resolve()), random_init=False)
+
+
+def print_task_losses(trainer, tasks, metrics: dict, mode: str) -> None:
+    """The per-task validation losses after training, beside those before it (eval_on_start)."""
+    before = next((e for e in trainer.state.log_history if e.get("step") == 0 and "eval_loss" in e), None)
+    print("\nper-task validation loss (token-mean cross-entropy):")
+    print(f"  {'task':<24} {'before':>8} {'after':>8}" if before else f"  {'task':<24} {'after':>8}")
+    for name, key in [(name, f"eval_loss/{name}") for name in tasks.names] + [(f"eval_loss ({mode})", "eval_loss")]:
+        after = metrics.get(key)
+        if after is None:
+            print(f"  {name:<24} (no validation samples)")
+        elif before and key in before:
+            print(f"  {name:<24} {before[key]:>8.4f} {after:>8.4f}")
+        else:
+            print(f"  {name:<24} {after:>8.4f}")
 
 
 def main(argv: list[str]) -> int:
@@ -67,18 +120,26 @@ def main(argv: list[str]) -> int:
     resume_from = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
 
     # --- data ---
+    with args.main_process_first(desc="converting the GGUF file"):
+        model_config = resolve_model_path(model_config)  # a .gguf file becomes its converted checkpoint
     tokenizer = load_tokenizer(model_config)
     # Saved with every checkpoint: apply_chat_template then prompts the model exactly as trained.
-    install_chat_template(tokenizer, role_markers=data_config.role_markers, eos_token=data_config.eos_token)
+    set_chat_template(tokenizer, data_config)
     with args.main_process_first(desc="building the multi-task dataset"):
         data = build_mft_dataset(data_config, tokenizer)
     logger.info("dataset:\n%s", data.summary)
+    logger.info("prompt format: %s; assistant turns end with token %d (%r)", data.prompt_format.name,
+                data.prompt_format.end_of_turn_token_id, tokenizer.decode([data.prompt_format.end_of_turn_token_id]))
 
     # --- model ---
     if model_config.attn_implementation is None:
         model_config.attn_implementation = default_attn_implementation(data_config.padding_mode)
         logger.info("attention backend: %s (padding_mode %s)", model_config.attn_implementation, data_config.padding_mode)
+    if model_config.random_init and model_config.peft_type != PeftType.NONE.value:
+        model_config = materialize_random_base(model_config, args)
     model = load_model(model_config, gradient_checkpointing=args.gradient_checkpointing, vocab_size=len(tokenizer))
+    # Saved with the model: generate() (and servers that read generation_config.json) stop at the end of a turn.
+    add_stop_token(model, data.prompt_format.end_of_turn_token_id)
     trainable, total = trainable_parameters(model)
     logger.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -122,11 +183,7 @@ def main(argv: list[str]) -> int:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         if trainer.is_world_process_zero():
-            print("\nper-task validation loss (token-mean cross-entropy):")
-            for name in data.tasks.names:
-                value = metrics.get(f"eval_loss/{name}")
-                print(f"  {name:<24} {value:.4f}" if value is not None else f"  {name:<24} (no validation samples)")
-            print(f"  {'eval_loss (' + args.weighted_loss_mode + ')':<24} {metrics['eval_loss']:.4f}")
+            print_task_losses(trainer, data.tasks, metrics, args.weighted_loss_mode)
     return 0
 
 

