@@ -18,6 +18,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from mft_trainer import DataConfig, build_mft_dataset
+from mft_trainer.gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 
 TRAINED_OPEN, TRAINED_CLOSE = "\u00ab", "\u00bb"  # « » around the tokens that carry loss
 
@@ -63,6 +64,8 @@ def main() -> int:
         print(f"ignored (not data settings): {', '.join(ignored)}")
     config = DataConfig(**{k: v for k, v in recipe.items() if k in data_fields})
 
+    if is_gguf_path(tokenizer_path):
+        tokenizer_path = converted_gguf_checkpoint(tokenizer_path)  # its tokenizer, converted once
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     data = build_mft_dataset(config, tokenizer)
     print(data.summary)

@@ -342,3 +342,43 @@ def test_single_turn_prompts_are_the_training_prompts(tokenizer):
         prompt = build_inference_prompt(record_messages(record), tokenizer)
         first_trained = next(i for i, label in enumerate(trained["labels"]) if label != -100)
         assert trained["input_ids"][:first_trained] == prompt.input_ids, record
+
+
+@pytest.fixture(scope="module")
+def chatml_model():
+    """A tiny random Llama with the SmolLM2 tokenizer, prompted in that tokenizer's own template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(REPO / "examples" / "tokenizers" / "smollm2-135m-instruct")
+    return tiny_llama(len(tok)).eval(), tok
+
+
+def test_template_mode_prompts_in_the_template_and_stops_at_its_end_of_turn(chatml_model, monkeypatch, tmp_path):
+    """In `model` mode the prompt is apply_chat_template's, and an answer ends at <|im_end|> (id 2)."""
+    model, tok = chatml_model
+    answer_ids = tok.encode("def f():\n    pass", add_special_tokens=False)
+    calls = []
+
+    def generate(input_ids, generation_config, **kwargs):
+        calls.append((input_ids, generation_config))
+        tail = torch.tensor([answer_ids + [2, 5, 6]] * input_ids.shape[0])  # the end of turn, then anything
+        return torch.cat([input_ids, tail], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    question = [{"role": "user", "content": "Write f."}]
+    (generation,) = generate_answers(model, tok, [question], SHORT, chat_template="model")
+    assert generation.text == "def f():\n    pass" and generation.stopped_at_eos
+    assert generation.token_ids == answer_ids + [2]
+    input_ids, config = calls[0]
+    assert input_ids[0].tolist() == tok.apply_chat_template(question, add_generation_prompt=True, return_dict=False)
+    assert config.eos_token_id == 2
+
+    # Batch inference and a multi-round chat are prompted the same way.
+    source = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "Write f."}])
+    run_batch(model, tok, source, tmp_path / "a.jsonl", SHORT, chat_template="model")
+    assert json.loads((tmp_path / "a.jsonl").read_text())["generated"] == "def f():\n    pass"
+    session = ChatSession(model, tok, SHORT, chat_template="model")
+    session.ask("Write f.")
+    second = session.prompt("Again.")
+    conversation = [*question, {"role": "assistant", "content": "def f():\n    pass"}, {"role": "user", "content": "Again."}]
+    assert second.text == tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
