@@ -168,6 +168,20 @@ def _count_and_keep(tokenized: Dataset, summary: TaskSummary) -> Dataset:
     return tokenized.select_columns(list(SAMPLE_COLUMNS))
 
 
+def _no_sample_left_message(name: str, summary: TaskSummary, config: DataConfig) -> str:
+    """Why task `name` kept no sample, and the fixes that the over-length policy in use leaves."""
+    if config.overlength_policy == OverlengthPolicy.TRUNCATE.value:
+        return (
+            f"task {name!r} has no sample left: all {summary.records} are longer than seq_length "
+            f"{config.seq_length}, and cut to that length they keep no trained token (their answers start after the "
+            "first seq_length tokens, and overlength_policy 'truncate' drops such samples); raise seq_length"
+        )
+    return (
+        f"task {name!r} has no sample left: all {summary.records} are longer than seq_length {config.seq_length} "
+        f"(overlength_policy {config.overlength_policy!r}); raise seq_length or use overlength_policy 'truncate'"
+    )
+
+
 def _read_tasks(
     sources: dict[str, list[Path]], summaries: dict[str, TaskSummary], skip_invalid: bool
 ) -> dict[str, list[Record]]:
@@ -239,11 +253,7 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
             _tokenize_task(name, train_records[name], task_id, tokenizer, config, eos_token_id), task_summary
         )
         if len(train) == 0:
-            raise ValueError(
-                f"task {name!r} has no sample left: all {task_summary.records} are longer than seq_length "
-                f"{config.seq_length} (overlength_policy {config.overlength_policy!r}); raise seq_length "
-                "or use overlength_policy 'truncate'"
-            )
+            raise ValueError(_no_sample_left_message(name, task_summary, config))
         if name in valid_records:
             valid = _count_and_keep(
                 _tokenize_task(f"{name} (valid)", valid_records[name], task_id, tokenizer, config, eos_token_id),

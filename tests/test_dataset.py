@@ -117,6 +117,15 @@ def test_all_samples_too_long_is_an_error(tmp_path, tokenizer):
         build_mft_dataset(config([str(path.parent)], seq_length=16), tokenizer)
 
 
+def test_all_samples_without_trained_tokens_after_truncation_suggests_only_a_longer_seq_length(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "t" / "x.jsonl", [chat(("human", answer_of_length(tokenizer, 60)), ("bot", "a"))])
+    with pytest.raises(ValueError) as error:
+        build_mft_dataset(config([str(path.parent)], seq_length=16, overlength_policy="truncate"), tokenizer)
+    message = str(error.value)
+    assert "no sample left" in message and "keep no trained token" in message and "raise seq_length" in message
+    assert "use overlength_policy 'truncate'" not in message  # the policy already in use
+
+
 def test_explicit_validation_files(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "train" / "a.jsonl", [chat(("human", f"q{i}"), ("bot", "a")) for i in range(5)])
     b = write_jsonl(tmp_path / "train" / "b.jsonl", [chat(("human", "q"), ("bot", "b"))] * 3)
