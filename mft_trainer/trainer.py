@@ -328,6 +328,16 @@ class MFTTrainer(Trainer):
                 self._add_coba_logs(logs)
         super().log(logs, start_time)
 
+    def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> TrainOutput:
+        """The Trainer's end of training, with `training_loss` exact and equal on every rank.
+
+        The Trainer adds the loss of the steps since the last logging step from each rank's own
+        accumulator, which holds that rank's share of the step losses times the number of ranks
+        (see `compute_loss`); their mean over the ranks is the loss of those steps, as at logging."""
+        if self.accelerator.num_processes > 1:
+            self._tr_loss = self.accelerator.reduce(self._tr_loss, reduction="mean")
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
     def evaluation_loop(
         self,
         dataloader: Any,
