@@ -24,6 +24,7 @@ balancer's state is saved beside the model in every checkpoint (`coba_state.json
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -36,9 +37,10 @@ import torch
 from accelerate.utils import broadcast
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
-from transformers.trainer_utils import EvalLoopOutput, TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
 from .attention import check_packing_support
+from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
 from .chunked_loss import OutputHeadLoss
 from .coba import CoBaBalancer, ValidationStream
 from .collator import DataCollatorForMFT
@@ -402,14 +404,27 @@ class MFTTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as the Trainer does, plus the task registry (`tasks.json`) beside the model, and with
         coba the balancer's state (`coba_state.json`). The Trainer saves every checkpoint through
-        here, before its `trainer_state.json`, so a complete checkpoint always has both."""
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            output_dir = output_dir or self.args.output_dir
-            self.tasks.save(output_dir)
-            if self.coba is not None:
-                with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
-                    json.dump(self.coba.state_dict(), f)
+        here, before its `trainer_state.json`, so a complete checkpoint always has both.
+
+        Raises:
+            CheckpointSaveError: the save failed; the message names the directory and says whether
+                the disk is full.
+        """
+        output_dir = output_dir or self.args.output_dir
+        # Inside a checkpoint, _save_checkpoint reports the failure (as an incomplete checkpoint).
+        with contextlib.nullcontext() if _internal_call else reporting_save_failures(output_dir, "model"):
+            super().save_model(output_dir, _internal_call)
+            if self.args.should_save:
+                self.tasks.save(output_dir)
+                if self.coba is not None:
+                    with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
+                        json.dump(self.coba.state_dict(), f)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint; a failed save says which checkpoint it left incomplete and why."""
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with reporting_save_failures(checkpoint, "checkpoint"):
+            super()._save_checkpoint(model, trial)
 
     def train(
         self,
@@ -417,15 +432,34 @@ class MFTTrainer(Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> TrainOutput:
-        """`Trainer.train`; with coba, also restores the balancer from the checkpoint resumed from
-        (or starts it afresh: a new run measures L_i(0) on the model it starts from)."""
+        """`Trainer.train`, resumed only from a complete checkpoint (mft_trainer/checkpoints.py): `True`
+        takes the last complete one in output_dir (newer, incomplete ones are skipped with a warning),
+        and a named one must be complete. With coba, also restores the balancer from the checkpoint
+        resumed from (or starts it afresh: a new run measures L_i(0) on the model it starts from).
+
+        Raises:
+            IncompleteCheckpointError: the named checkpoint lacks a file or has a truncated one.
+            ValueError: `resume_from_checkpoint=True` and output_dir holds no complete checkpoint.
+        """
+        resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if self.coba is not None:
-            if resume_from_checkpoint is True:
-                # Resolve "the last checkpoint" here, so that the Trainer and CoBa restore the same one
-                # (when there is none, True goes on and the Trainer raises its error).
-                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
-            self._restore_coba(resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None)
+            self._restore_coba(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def _checkpoint_to_resume(self, requested: str | bool | None) -> str | None:
+        """The checkpoint `train(resume_from_checkpoint=requested)` resumes from, checked complete."""
+        if requested is None or requested is False:
+            return None
+        if requested is True:
+            last = last_complete_checkpoint(self.args.output_dir)
+            if last is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint (incomplete "
+                    "ones are named in the warnings above); pass resume_from_checkpoint=None to start afresh"
+                )
+            return last
+        check_checkpoint(requested)
+        return str(requested)
 
     # ---- CoBa ------------------------------------------------------------------------------------
 
