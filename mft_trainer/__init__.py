@@ -19,7 +19,9 @@ from .records import DataValidationError, InvalidRecord, Problem, RecordError, p
 from .rendering import InferencePrompt, RoleMarkers, build_inference_prompt, render_conversation
 from .summary import DatasetSummary, PackingSummary, TaskSummary
 from .tasks import TaskRegistry, resolve_task_sources
-from .trainer import MFTTrainer, NonFiniteLossError
+from .checkpoints import CheckpointSaveError, IncompleteCheckpointError, last_complete_checkpoint
+from .divergence import NonFiniteError, NonFiniteGradientError, NonFiniteLossError, NonFiniteWeightsError
+from .trainer import MFTTrainer
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,7 @@ __all__ = [
     "OutputHeadLoss",
     "linear_cross_entropy",
     "ChatSession",
+    "CheckpointSaveError",
     "CoBaBalancer",
     "DataCollatorForMFT",
     "DataConfig",
@@ -34,13 +37,17 @@ __all__ = [
     "DatasetSummary",
     "Generation",
     "GenerationOptions",
+    "IncompleteCheckpointError",
     "InferencePrompt",
     "InvalidRecord",
     "LossMode",
     "MFTConfig",
     "MFTDataset",
     "MFTTrainer",
+    "NonFiniteError",
+    "NonFiniteGradientError",
     "NonFiniteLossError",
+    "NonFiniteWeightsError",
     "OverlengthPolicy",
     "PackingError",
     "PackingSummary",
@@ -57,6 +64,7 @@ __all__ = [
     "default_attn_implementation",
     "generate_answers",
     "install_chat_template",
+    "last_complete_checkpoint",
     "load_model_and_tokenizer",
     "parse_record",
     "probe_packing",

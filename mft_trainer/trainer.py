@@ -20,6 +20,11 @@ it measures the per-task validation losses before training and after every `coba
 optimizer steps, and the weights it returns feed the case3 reduction of the following steps. The
 balancer's state is saved beside the model in every checkpoint (`coba_state.json`) and restored by
 `train(resume_from_checkpoint=...)`.
+
+A run that diverges stops at the first NaN or infinite loss, gradient norm or weight, before the
+optimizer applies it or a checkpoint saves it; one that collapses (a gradient of exactly 0) is
+warned about (mft_trainer/divergence.py). Resuming takes complete checkpoints only
+(mft_trainer/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -46,6 +52,15 @@ from .coba import CoBaBalancer, ValidationStream
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
 from .constants import IGNORE_INDEX
+from .divergence import (
+    REMEDY,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    as_float,
+    non_finite_parameters,
+    uniform_loss_text,
+)
 from .losses import (
     LossMode,
     LossNormalizers,
@@ -69,11 +84,6 @@ COBA_STATE_FILE = "coba_state.json"
 
 logger = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
 class MFTTrainer(Trainer):
     """A `Trainer` whose loss is the configured multi-task reduction of per-token cross-entropy.
 
@@ -95,6 +105,8 @@ class MFTTrainer(Trainer):
 
     Raises:
         ValueError: coba without an `eval_dataset` (CoBa needs validation samples of every task).
+        NonFiniteLossError, NonFiniteGradientError, NonFiniteWeightsError (from `train`): the run
+            diverged; nothing non-finite was saved.
     """
 
     # compute_loss normalises by the counts of the whole optimizer step (see the module docstring).
@@ -149,6 +161,8 @@ class MFTTrainer(Trainer):
         self._head_loss: OutputHeadLoss | None = None
         self._head_loss_resolved = False
         self._logits_wanted = False  # set by prediction_step when the caller needs real logits
+        self._optimizer_steps_checked = 0  # optimizer steps of this train() call whose gradient was checked
+        self._zero_gradient_steps: list[int] = []  # those with a gradient of exactly 0 and trained tokens
         self.coba: CoBaBalancer | None = None
         if self.loss_mode is LossMode.COBA:
             self._init_coba(eval_dataset)
@@ -169,11 +183,80 @@ class MFTTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise NonFiniteLossError(
-                f"the loss is {loss.item()} at optimizer step {self.state.global_step + 1}: training stopped before "
-                "the optimizer applied it (the last checkpoint is intact). Lower learning_rate, use bf16 instead of "
-                "fp16, or set max_grad_norm; resume_from_checkpoint continues from the last checkpoint."
+                f"the loss is {loss.item()} at optimizer step {self.state.global_step + 1}: {self._stop_report()}"
             )
         return loss
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The Trainer's gradient norm of the step (computed, and clipped to max_grad_norm, before the
+        optimizer step). A NaN or infinite norm stops training there, before the optimizer writes it
+        into the weights; a norm of exactly 0 with trained tokens is reported (`_note_zero_gradient`).
+
+        Costs one host-device synchronisation per optimizer step (the norm is read as a number)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        norm = as_float(grad_norm)
+        if norm is not None:
+            self._optimizer_steps_checked += 1
+            if not math.isfinite(norm):
+                raise NonFiniteGradientError(
+                    f"the gradient norm is {norm} at optimizer step {self.state.global_step + 1} (its loss is "
+                    f"finite): {self._stop_report()}"
+                )
+            if norm == 0.0:
+                self._note_zero_gradient()
+        return grad_norm
+
+    def _stop_report(self) -> str:
+        """What stopping at a non-finite loss or gradient leaves behind, and what to do."""
+        if self.is_deepspeed_enabled:
+            applied = (
+                "training stopped; DeepSpeed runs the optimizer step inside the backward pass, so the weights in "
+                "memory may hold it, but nothing was saved after it"
+            )
+        else:
+            applied = "training stopped before the optimizer applied it"
+        return f"{applied}; {self._last_checkpoint_text()}. {REMEDY}."
+
+    def _last_checkpoint_text(self) -> str:
+        last = last_complete_checkpoint(self.args.output_dir)
+        if last is None:
+            return "no checkpoint was saved before"
+        return f"the last checkpoint, {last}, holds finite weights (resume_from_checkpoint continues from it)"
+
+    def _note_zero_gradient(self) -> None:
+        """Record an optimizer step whose gradient is exactly 0 although it trains tokens (of tasks with
+        a weight), and warn at the first: a collapsed run would otherwise end without a word."""
+        counts = self._step_normalizers
+        weights = self._task_weights if self.coba is None else self._coba_weights
+        if counts is None:
+            return
+        tokens = int((counts.tokens_per_task.cpu() * (weights.cpu() > 0)).sum())
+        if tokens == 0:
+            return  # nothing to learn from in this step: a zero gradient is right
+        step = self.state.global_step + 1
+        self._zero_gradient_steps.append(step)
+        if len(self._zero_gradient_steps) == 1 and self.is_world_process_zero():
+            uniform = uniform_loss_text(self.accelerator.unwrap_model(self.model))
+            logger.warning(
+                "optimizer step %d: the gradient is exactly 0 although the step trains %d tokens, so the model no "
+                "longer learns. A learning rate far too high does this (the activations overflow and the loss stays "
+                "at %s); so do trainable weights that the loss does not reach. Lower learning_rate and start again "
+                "from an earlier checkpoint.", step, tokens, uniform or "ln(vocab size)",
+            )
+
+    def _stop_if_weights_not_finite(self, when: str, not_saved: str) -> None:
+        """Raise `NonFiniteWeightsError` if a trainable weight is NaN or infinite on any rank (every rank
+        calls this: it reduces over them)."""
+        names = non_finite_parameters(self.model)
+        count = len(names)
+        if self.accelerator.num_processes > 1:
+            count = int(self.accelerator.reduce(torch.tensor(count, device=self.args.device), reduction="sum"))
+        if count:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "on another rank"
+            raise NonFiniteWeightsError(
+                f"the trainable weights {when} are not finite ({shown}): {not_saved}; "
+                f"{self._last_checkpoint_text()}. {REMEDY}."
+            )
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -423,6 +506,7 @@ class MFTTrainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The Trainer's checkpoint; a failed save says which checkpoint it left incomplete and why."""
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._stop_if_weights_not_finite(f"after optimizer step {self.state.global_step}", f"{checkpoint} was not saved")
         with reporting_save_failures(checkpoint, "checkpoint"):
             super()._save_checkpoint(model, trial)
 
@@ -437,14 +521,34 @@ class MFTTrainer(Trainer):
         and a named one must be complete. With coba, also restores the balancer from the checkpoint
         resumed from (or starts it afresh: a new run measures L_i(0) on the model it starts from).
 
+        Training stops at the first non-finite loss, gradient or weight, before it is applied or saved;
+        a run whose gradient is exactly 0 at some steps ends with a warning that it collapsed.
+
         Raises:
             IncompleteCheckpointError: the named checkpoint lacks a file or has a truncated one.
             ValueError: `resume_from_checkpoint=True` and output_dir holds no complete checkpoint.
+            NonFiniteLossError, NonFiniteGradientError, NonFiniteWeightsError: the run diverged.
         """
         resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if self.coba is not None:
             self._restore_coba(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        self._optimizer_steps_checked, self._zero_gradient_steps = 0, []
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        # The caller saves the final model next (scripts/train.py does): not if it is damaged.
+        self._stop_if_weights_not_finite("at the end of training", "training stopped before they were saved")
+        self._warn_if_collapsed(output.training_loss)
+        return output
+
+    def _warn_if_collapsed(self, training_loss: float) -> None:
+        """Repeat, at the end, that steps had a gradient of exactly 0 (see `_note_zero_gradient`)."""
+        steps = self._zero_gradient_steps
+        if steps and self.is_world_process_zero():
+            uniform = uniform_loss_text(self.accelerator.unwrap_model(self.model))
+            logger.warning(
+                "training collapsed: %d of the %d optimizer steps had a gradient of exactly 0 (the first: step %d), "
+                "so the model learnt nothing from them; train_loss %.4f%s. Lower learning_rate.",
+                len(steps), self._optimizer_steps_checked, steps[0], training_loss, f" ({uniform})" if uniform else "",
+            )
 
     def _checkpoint_to_resume(self, requested: str | bool | None) -> str | None:
         """The checkpoint `train(resume_from_checkpoint=requested)` resumes from, checked complete."""
