@@ -28,7 +28,7 @@ import yaml
 
 from .config import MFTConfig
 from .data_config import DataConfig
-from .modeling import ModelConfig
+from .modeling import ModelConfig, check_model_paths
 
 CONFIG_CLASSES: tuple[type, ...] = (ModelConfig, DataConfig, MFTConfig)
 # The resolved recipe that scripts/train.py saves beside the model; chat.py reads its prompt format.
@@ -290,6 +290,21 @@ def parse_recipe(argv: Sequence[str]) -> Recipe:
     for key, value in parse_overrides(argv).items():
         values[key] = _parse_override_value(key, value)
     return build_recipe(values, notes)
+
+
+def check_recipe_paths(recipe: Recipe) -> None:
+    """Check, before anything loads, that the recipe's local paths exist: the model and tokenizer
+    (a path that looks local is never tried as a hub id, mft_trainer/paths.py) and every task path
+    (each a .jsonl file or a directory holding some).
+
+    Raises:
+        RecipeError: the first path that does not exist or holds no data, named.
+    """
+    try:
+        check_model_paths(recipe.model)
+        recipe.data.check_paths()
+    except (FileNotFoundError, ValueError) as e:
+        raise RecipeError(str(e)) from None
 
 
 def help_text() -> str:

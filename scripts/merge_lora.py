@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mft_trainer.chat_template import install_chat_template, is_mft_chat_template
 from mft_trainer.inference import DTYPE_CHOICES, adapter_base_model, is_adapter_dir, load_model_and_tokenizer
+from mft_trainer.paths import check_local_path
 from mft_trainer.recipe import RUN_CONFIG_FILE
 from mft_trainer.tasks import TASKS_FILE
 
@@ -46,12 +47,18 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # Check the inputs before loading anything large.
+    if not Path(args.adapter).exists():
+        parser.error(f"--adapter {args.adapter!r} does not exist")
     if not is_adapter_dir(args.adapter):
         parser.error(f"{args.adapter} is not a LoRA adapter directory (no adapter_config.json)")
     output_dir = Path(args.output_dir)
     if output_dir.resolve() == Path(args.adapter).resolve():
         parser.error("--output_dir must differ from --adapter (the merged model would overwrite the adapter)")
     base_model = args.base_model or adapter_base_model(args.adapter)
+    try:
+        check_local_path(base_model, "--base_model" if args.base_model else "the adapter's base model")
+    except FileNotFoundError as e:
+        parser.error(str(e))
 
     # Base + adapter, then fold the LoRA weights into the base weights.
     logger.info("loading base %s and adapter %s (dtype %s)", base_model, args.adapter, args.dtype)

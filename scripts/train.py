@@ -23,7 +23,7 @@ from mft_trainer.attention import default_attn_implementation  # also registers 
 from mft_trainer.chat_template import install_chat_template
 from mft_trainer.checkpoints import IncompleteCheckpointError, check_checkpoint, last_complete_checkpoint
 from mft_trainer.modeling import load_model, load_tokenizer, trainable_parameters
-from mft_trainer.recipe import RUN_CONFIG_FILE, RecipeError, help_text, parse_recipe
+from mft_trainer.recipe import RUN_CONFIG_FILE, RecipeError, check_recipe_paths, help_text, parse_recipe
 
 logger = logging.getLogger("mft_trainer.train")
 
@@ -49,6 +49,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         recipe = parse_recipe(argv)
+        check_recipe_paths(recipe)  # a mistyped path fails here, not after tokenization or hub retries
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
