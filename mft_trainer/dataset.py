@@ -26,6 +26,7 @@ import datasets
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
 
+from .cache import cache_file_for
 from .collator import DataCollatorForMFT
 from .constants import IGNORE_INDEX
 from .data_config import DataConfig, OverlengthPolicy, PaddingMode
@@ -133,12 +134,8 @@ def _tokenize_task(
     # The fingerprint of `raw` hashes the records' content; with the tokenizer and the render
     # settings it identifies the result, so a cached file is reused only when nothing changed.
     key = Hasher.hash([_CACHE_FORMAT_VERSION, raw._fingerprint, tokenizer, settings, eos_token_id, task_id])
-    cache_dir = _cache_dir(config)
-    cache_file = None
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        cache_file = str(cache_dir / f"{safe_name}-{key}.arrow")
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    cache_file = cache_file_for(_cache_dir(config), f"{safe_name}-{key}.arrow")
     return raw.map(
         _Tokenizer(tokenizer, RoleMarkers.from_config(config.role_markers), eos_token_id, config, task_id),
         batched=True,
@@ -161,7 +158,9 @@ def _count_and_keep(tokenized: Dataset, summary: TaskSummary) -> Dataset:
     summary.dropped_no_trained_token += statuses[_STATUS_NO_TRAINED]
     kept_statuses = {_STATUS_KEPT, _STATUS_TRUNCATED}
     if sum(statuses[s] for s in kept_statuses) < len(tokenized):
-        tokenized = tokenized.filter(lambda status: status in kept_statuses, input_columns="status")
+        # In memory: the kept rows' indices are cheap to find again, and a cache file of them would be
+        # one more file that a damaged cache could leave unreadable.
+        tokenized = tokenized.filter(lambda status: status in kept_statuses, input_columns="status", keep_in_memory=True)
     summary.samples += len(tokenized)
     summary.tokens += sum(tokenized["num_tokens"])
     summary.trained_tokens += sum(tokenized["num_trained_tokens"])
