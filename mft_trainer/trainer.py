@@ -84,6 +84,7 @@ COBA_STATE_FILE = "coba_state.json"
 
 logger = logging.getLogger(__name__)
 
+
 class MFTTrainer(Trainer):
     """A `Trainer` whose loss is the configured multi-task reduction of per-token cross-entropy.
 
@@ -220,7 +221,7 @@ class MFTTrainer(Trainer):
     def _last_checkpoint_text(self) -> str:
         last = last_complete_checkpoint(self.args.output_dir)
         if last is None:
-            return "no checkpoint was saved before"
+            return "no checkpoint has been saved yet"
         return f"the last checkpoint, {last}, holds finite weights (resume_from_checkpoint continues from it)"
 
     def _note_zero_gradient(self) -> None:
