@@ -21,7 +21,9 @@ from .rendering import RoleMarkers
 from .segments import InferencePrompt, PromptFormat
 from .summary import DatasetSummary, PackingSummary, TaskSummary
 from .tasks import TaskRegistry, resolve_task_sources
-from .trainer import MFTTrainer, NonFiniteLossError
+from .checkpoints import CheckpointSaveError, IncompleteCheckpointError, last_complete_checkpoint
+from .divergence import NonFiniteError, NonFiniteGradientError, NonFiniteLossError, NonFiniteWeightsError
+from .trainer import MFTTrainer
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "ChatSession",
     "ChatTemplateError",
     "ChatTemplateMode",
+    "CheckpointSaveError",
     "CoBaBalancer",
     "DataCollatorForMFT",
     "DataConfig",
@@ -38,13 +41,17 @@ __all__ = [
     "DatasetSummary",
     "Generation",
     "GenerationOptions",
+    "IncompleteCheckpointError",
     "InferencePrompt",
     "InvalidRecord",
     "LossMode",
     "MFTConfig",
     "MFTDataset",
     "MFTTrainer",
+    "NonFiniteError",
+    "NonFiniteGradientError",
     "NonFiniteLossError",
+    "NonFiniteWeightsError",
     "OverlengthPolicy",
     "PackingError",
     "PackingSummary",
@@ -63,6 +70,7 @@ __all__ = [
     "generate_answers",
     "get_prompt_format",
     "install_chat_template",
+    "last_complete_checkpoint",
     "load_model_and_tokenizer",
     "parse_record",
     "probe_packing",

@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 from .prompt_format import check_chat_template_setting
 from .rendering import RoleMarkers
 from .splitting import parse_data_split
+from .tasks import resolve_task_sources
 
 
 class OverlengthPolicy(str, Enum):
@@ -177,6 +178,18 @@ class DataConfig:
         self.padding_mode = PaddingMode.parse(self.padding_mode).value
         if self.tokenize_num_proc is not None and self.tokenize_num_proc < 1:
             raise ValueError(f"tokenize_num_proc must be >= 1, got {self.tokenize_num_proc!r}")
+
+    def check_paths(self) -> None:
+        """Check that every task path exists and holds data, as `build_mft_dataset` will need, so that
+        a mistyped path fails before anything loads.
+
+        Raises:
+            FileNotFoundError: a path that does not exist.
+            ValueError: a directory without .jsonl files, a file that is not one, two tasks of one name.
+        """
+        resolve_task_sources(self.data_paths)
+        if self.valid_data_paths is not None:
+            resolve_task_sources(self.valid_data_paths)
 
     @property
     def valid_fraction(self) -> float:

@@ -26,6 +26,7 @@ import datasets
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
 
+from .cache import cache_file_for
 from .collator import DataCollatorForMFT
 from .constants import IGNORE_INDEX
 from .data_config import DataConfig, OverlengthPolicy, PaddingMode
@@ -140,12 +141,8 @@ def _tokenize_task(
     # The fingerprint of `raw` hashes the records' content; with the tokenizer, the render settings
     # and the prompt format it identifies the result, so a cached file is reused only when nothing changed.
     key = Hasher.hash([_CACHE_FORMAT_VERSION, raw._fingerprint, tokenizer, settings, prompt_format.cache_key(), task_id])
-    cache_dir = _cache_dir(config)
-    cache_file = None
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        cache_file = str(cache_dir / f"{safe_name}-{key}.arrow")
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    cache_file = cache_file_for(_cache_dir(config), f"{safe_name}-{key}.arrow")
     return raw.map(
         _Tokenizer(tokenizer, prompt_format, config, task_id),
         batched=True,
@@ -168,11 +165,27 @@ def _count_and_keep(tokenized: Dataset, summary: TaskSummary) -> Dataset:
     summary.dropped_no_trained_token += statuses[_STATUS_NO_TRAINED]
     kept_statuses = {_STATUS_KEPT, _STATUS_TRUNCATED}
     if sum(statuses[s] for s in kept_statuses) < len(tokenized):
-        tokenized = tokenized.filter(lambda status: status in kept_statuses, input_columns="status")
+        # In memory: the kept rows' indices are cheap to find again, and a cache file of them would be
+        # one more file that a damaged cache could leave unreadable.
+        tokenized = tokenized.filter(lambda status: status in kept_statuses, input_columns="status", keep_in_memory=True)
     summary.samples += len(tokenized)
     summary.tokens += sum(tokenized["num_tokens"])
     summary.trained_tokens += sum(tokenized["num_trained_tokens"])
     return tokenized.select_columns(list(SAMPLE_COLUMNS))
+
+
+def _no_sample_left_message(name: str, summary: TaskSummary, config: DataConfig) -> str:
+    """Why task `name` kept no sample, and the fixes that the over-length policy in use leaves."""
+    if config.overlength_policy == OverlengthPolicy.TRUNCATE.value:
+        return (
+            f"task {name!r} has no sample left: all {summary.records} are longer than seq_length "
+            f"{config.seq_length}, and cut to that length they keep no trained token (their answers start after the "
+            "first seq_length tokens, and overlength_policy 'truncate' drops such samples); raise seq_length"
+        )
+    return (
+        f"task {name!r} has no sample left: all {summary.records} are longer than seq_length {config.seq_length} "
+        f"(overlength_policy {config.overlength_policy!r}); raise seq_length or use overlength_policy 'truncate'"
+    )
 
 
 def _read_tasks(
@@ -248,11 +261,7 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
             _tokenize_task(name, train_records[name], task_id, tokenizer, config, prompt_format), task_summary
         )
         if len(train) == 0:
-            raise ValueError(
-                f"task {name!r} has no sample left: all {task_summary.records} are longer than seq_length "
-                f"{config.seq_length} (overlength_policy {config.overlength_policy!r}); raise seq_length "
-                "or use overlength_policy 'truncate'"
-            )
+            raise ValueError(_no_sample_left_message(name, task_summary, config))
         if name in valid_records:
             valid = _count_and_keep(
                 _tokenize_task(f"{name} (valid)", valid_records[name], task_id, tokenizer, config, prompt_format),

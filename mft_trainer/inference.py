@@ -34,6 +34,7 @@ from typing import Any, TextIO
 
 import torch
 
+from .paths import check_local_path
 from .records import InvalidRecord, Problem, RecordError, iter_jsonl_lines, single_turn_context
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 from .prompt_format import ChatTemplateMode, build_inference_prompt, get_prompt_format
@@ -118,16 +119,24 @@ def load_model_and_tokenizer(
     Returns:
         (model, tokenizer), the model in eval mode on `device`.
 
+    Raises:
+        FileNotFoundError: a local model path (or the adapter's base) that does not exist, before
+            anything is loaded or looked up on the hub.
+
     >>> model, tok = load_model_and_tokenizer("output/run1", dtype="bfloat16")      # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_local_path(model_path, "model")
     if is_gguf_path(model_path):
         model_path = converted_gguf_checkpoint(model_path)
     adapter = is_adapter_dir(model_path)
     if base_model is not None and not adapter:
         raise ValueError(f"base_model was given but {model_path} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     weights_path = (base_model or adapter_base_model(model_path)) if adapter else model_path
+    if adapter:
+        what = "base model" if base_model is not None else f"base model (recorded in {Path(model_path) / ADAPTER_CONFIG})"
+        check_local_path(weights_path, what)
     tokenizer_path = weights_path if adapter and not _has_tokenizer(model_path) else model_path
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(

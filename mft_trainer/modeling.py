@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
+from .paths import check_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,21 @@ def add_stop_token(model: Any, token_id: int) -> None:
     if token_id not in ids:
         ids.append(token_id)
     config.eos_token_id = ids[0] if len(ids) == 1 else ids
+def check_model_paths(config: ModelConfig) -> None:
+    """Raise FileNotFoundError for a model or tokenizer path that looks local and does not exist
+    (mft_trainer/paths.py), before the hub is asked for it as a model id."""
+    check_local_path(config.model_name_or_path, "model_name_or_path")
+    check_local_path(config.tokenizer_name_or_path, "tokenizer_name_or_path")
 
 
 def load_tokenizer(config: ModelConfig) -> Any:
     """Load the tokenizer; one without a pad token pads with its EOS token (as MFTCoder does: padding
-    is masked out of attention and loss, so its id never matters)."""
+    is masked out of attention and loss, so its id never matters).
+
+    Raises:
+        FileNotFoundError: a local tokenizer (or model) path that does not exist.
+    """
+    check_model_paths(config)
     config = resolve_model_path(config)
     tokenizer = AutoTokenizer.from_pretrained(
         config.tokenizer_name_or_path or config.model_name_or_path, trust_remote_code=config.trust_remote_code
@@ -168,7 +179,11 @@ def load_model(config: ModelConfig, gradient_checkpointing: bool = False, vocab_
         gradient_checkpointing: prepare a quantized base for checkpointed training (the Trainer turns
             checkpointing itself on from its arguments).
         vocab_size: the tokenizer's size; embeddings are resized only when it exceeds the model's.
+
+    Raises:
+        FileNotFoundError: a local model path that does not exist.
     """
+    check_model_paths(config)
     config = resolve_model_path(config)
     dtype = config.torch_dtype()
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, Features, Sequence as SequenceFeature, Value
 from datasets.fingerprint import Hasher
 
+from .cache import cache_file_for
 from .constants import IGNORE_INDEX
 from .summary import PackingSummary
 
@@ -191,10 +192,7 @@ def _build_rows(
             "piece_end": [[p.end for p in row] for row in rows],
         }
     )
-    cache_file = None
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache_file = str(cache_dir / f"rows-{fingerprint}.arrow")
+    cache_file = cache_file_for(cache_dir, f"rows-{fingerprint}.arrow")
     return plans.map(
         _RowBuilder(source),
         batched=True,

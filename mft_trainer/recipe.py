@@ -4,7 +4,9 @@
 
 A recipe holds `ModelConfig`, `DataConfig` and `MFTConfig` (TrainingArguments) fields side by side.
 Values are coerced to each field's type, so YAML's `lr: 2e-5` (a string for YAML 1.1) is a float;
-a value that cannot be coerced and an unknown key are errors that name the key and what is expected.
+a value that cannot be coerced (a list for a number, say) and an unknown key are errors that name
+the key and what is expected. A key written twice and a file that is not valid YAML (or JSON) are
+errors that give the file and line.
 An MFTCoder JSON train config is translated to these fields, and the mapping is printed.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import os
 import types
@@ -25,7 +28,7 @@ import yaml
 
 from .config import MFTConfig
 from .data_config import DataConfig
-from .modeling import ModelConfig
+from .modeling import ModelConfig, check_model_paths
 
 CONFIG_CLASSES: tuple[type, ...] = (ModelConfig, DataConfig, MFTConfig)
 # The resolved recipe that scripts/train.py saves beside the model; chat.py reads its prompt format.
@@ -93,17 +96,33 @@ def _convert(value: Any, target: type) -> Any:
     return float(value)
 
 
+def _takes_only_scalars(options: list[Any]) -> bool:
+    """True when no alternative of a field's type holds a list or a mapping (`int`, `str | None`, an
+    enum), so that a list or mapping written for it is a mistake to report, not a value to pass on."""
+    for option in options:
+        if option is Any or typing.get_origin(option) not in (None, typing.Literal):
+            return False  # Any, list[str], dict[str, Any], ...
+        if isinstance(option, type) and not issubclass(option, (bool, int, float, str, enum.Enum)):
+            return False  # list, dict, or a class of its own
+    return True
+
+
 def coerce_value(key: str, value: Any, annotation: Any) -> Any:
     """Convert `value` to the field's scalar type (bool, int, float) when it is written otherwise,
     e.g. YAML's string "2e-5" for a float. Other values are passed as written: the config classes
     validate them (TrainingArguments converts its own enums and JSON strings).
 
     Raises:
-        RecipeError: a value that fits none of the field's scalar types.
+        RecipeError: a value that fits none of the field's scalar types, or a list or mapping for a
+            field that takes a single value (`max_steps: [3]`).
     """
     options = [t for t in _type_options(annotation) if t is not type(None)]
     if key in SWITCHES_TYPED_AS_STRINGS:
         options.append(bool)
+    if isinstance(value, (list, tuple, dict)) and options and _takes_only_scalars(options):
+        kind = "mapping" if isinstance(value, dict) else "list"
+        expected = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+        raise RecipeError(f"{key}: {value!r} is a {kind}, but {key} takes a single {expected}")
     scalars = [t for t in (bool, int, float) if t in options]
     if value is None or not scalars or not isinstance(value, (str, int, float)):
         return value
@@ -139,29 +158,97 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def _parse_override_value(value: Any) -> Any:
+def _parse_override_value(key: str, value: Any) -> Any:
     """Lists and mappings on the command line are written in YAML/JSON flow style: [a, b], {a: 1}."""
     if isinstance(value, str) and value.strip()[:1] in "[{":
-        return yaml.safe_load(value)
+        try:
+            return yaml.load(value, Loader=_RecipeLoader)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e)
+            raise RecipeError(f"--{key} {value}: not a valid YAML list or mapping: {problem}") from None
     return value
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key written twice in one YAML mapping."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (YAML itself
+    keeps the last value, so the first would be dropped without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}  # key -> the line it was first written on (0-based)
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges keys that the mapping may then override
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = key in first_lines
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if seen:
+                raise _DuplicateKeyError(
+                    None, None,
+                    f"duplicate key {key!r} (first written at line {first_lines[key] + 1}); write each key once",
+                    key_node.start_mark,
+                )
+            first_lines[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads` object hook: a key written twice in one object is an error, as in YAML recipes."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise RecipeError(f"duplicate key {key!r}; write each key once")
+        values[key] = value
+    return values
+
+
+def _parse_recipe_text(path: Path, text: str) -> Any:
+    """The recipe file's content; syntax errors and duplicate keys give the file, line and column."""
+    try:
+        if path.suffix == ".json":
+            return json.loads(text, object_pairs_hook=_unique_json_keys)
+        return yaml.load(text, Loader=_RecipeLoader)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        if isinstance(e, _DuplicateKeyError):
+            raise RecipeError(f"{where}: {problem}") from None
+        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and context_mark is not None:
+            context += f" that starts at line {context_mark.line + 1}"  # often where the mistake is
+        raise RecipeError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
+
+
 def load_recipe_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
-    """Read a YAML recipe, or an MFTCoder JSON config (translated); return (values, notes)."""
+    """Read a YAML recipe, or an MFTCoder JSON config (translated); return (values, notes).
+
+    Raises:
+        RecipeError: a missing file, a syntax error or a key written twice (with file and line), or
+            content that is not a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    values = _parse_recipe_text(path, path.read_text(encoding="utf-8"))
+    if values is None and path.suffix != ".json":
+        values = {}  # an empty YAML file: everything comes from the command line
+    if not isinstance(values, Mapping):
+        raise RecipeError(f"{path}: a recipe is a mapping of key: value, got {type(values).__name__}")
     if path.suffix == ".json":
-        values = json.loads(text)
         from .mftcoder import is_mftcoder_config, translate_mftcoder_config
 
         if is_mftcoder_config(values):
             return translate_mftcoder_config(values)
-        return values, []
-    values = yaml.safe_load(text) or {}
-    if not isinstance(values, Mapping):
-        raise RecipeError(f"{path}: a recipe is a mapping of key: value, got {type(values).__name__}")
     return dict(values), []
 
 
@@ -201,8 +288,23 @@ def parse_recipe(argv: Sequence[str]) -> Recipe:
     if argv and not argv[0].startswith("--"):
         values, notes = load_recipe_file(argv.pop(0))
     for key, value in parse_overrides(argv).items():
-        values[key] = _parse_override_value(value)
+        values[key] = _parse_override_value(key, value)
     return build_recipe(values, notes)
+
+
+def check_recipe_paths(recipe: Recipe) -> None:
+    """Check, before anything loads, that the recipe's local paths exist: the model and tokenizer
+    (a path that looks local is never tried as a hub id, mft_trainer/paths.py) and every task path
+    (each a .jsonl file or a directory holding some).
+
+    Raises:
+        RecipeError: the first path that does not exist or holds no data, named.
+    """
+    try:
+        check_model_paths(recipe.model)
+        recipe.data.check_paths()
+    except (FileNotFoundError, ValueError) as e:
+        raise RecipeError(str(e)) from None
 
 
 def help_text() -> str:

@@ -20,13 +20,20 @@ it measures the per-task validation losses before training and after every `coba
 optimizer steps, and the weights it returns feed the case3 reduction of the following steps. The
 balancer's state is saved beside the model in every checkpoint (`coba_state.json`) and restored by
 `train(resume_from_checkpoint=...)`.
+
+A run that diverges stops at the first NaN or infinite loss, gradient norm or weight, before the
+optimizer applies it or a checkpoint saves it; one that collapses (a gradient of exactly 0) is
+warned about (mft_trainer/divergence.py). Resuming takes complete checkpoints only
+(mft_trainer/checkpoints.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -36,14 +43,24 @@ import torch
 from accelerate.utils import broadcast
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
-from transformers.trainer_utils import EvalLoopOutput, TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
 from .attention import check_packing_support
+from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
 from .chunked_loss import OutputHeadLoss
 from .coba import CoBaBalancer, ValidationStream
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
 from .constants import IGNORE_INDEX
+from .divergence import (
+    REMEDY,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    as_float,
+    non_finite_parameters,
+    uniform_loss_text,
+)
 from .losses import (
     LossMode,
     LossNormalizers,
@@ -68,10 +85,6 @@ COBA_STATE_FILE = "coba_state.json"
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
 class MFTTrainer(Trainer):
     """A `Trainer` whose loss is the configured multi-task reduction of per-token cross-entropy.
 
@@ -93,6 +106,8 @@ class MFTTrainer(Trainer):
 
     Raises:
         ValueError: coba without an `eval_dataset` (CoBa needs validation samples of every task).
+        NonFiniteLossError, NonFiniteGradientError, NonFiniteWeightsError (from `train`): the run
+            diverged; nothing non-finite was saved.
     """
 
     # compute_loss normalises by the counts of the whole optimizer step (see the module docstring).
@@ -147,6 +162,8 @@ class MFTTrainer(Trainer):
         self._head_loss: OutputHeadLoss | None = None
         self._head_loss_resolved = False
         self._logits_wanted = False  # set by prediction_step when the caller needs real logits
+        self._optimizer_steps_checked = 0  # optimizer steps of this train() call whose gradient was checked
+        self._zero_gradient_steps: list[int] = []  # those with a gradient of exactly 0 and trained tokens
         self.coba: CoBaBalancer | None = None
         if self.loss_mode is LossMode.COBA:
             self._init_coba(eval_dataset)
@@ -167,11 +184,80 @@ class MFTTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise NonFiniteLossError(
-                f"the loss is {loss.item()} at optimizer step {self.state.global_step + 1}: training stopped before "
-                "the optimizer applied it (the last checkpoint is intact). Lower learning_rate, use bf16 instead of "
-                "fp16, or set max_grad_norm; resume_from_checkpoint continues from the last checkpoint."
+                f"the loss is {loss.item()} at optimizer step {self.state.global_step + 1}: {self._stop_report()}"
             )
         return loss
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The Trainer's gradient norm of the step (computed, and clipped to max_grad_norm, before the
+        optimizer step). A NaN or infinite norm stops training there, before the optimizer writes it
+        into the weights; a norm of exactly 0 with trained tokens is reported (`_note_zero_gradient`).
+
+        Costs one host-device synchronisation per optimizer step (the norm is read as a number)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        norm = as_float(grad_norm)
+        if norm is not None:
+            self._optimizer_steps_checked += 1
+            if not math.isfinite(norm):
+                raise NonFiniteGradientError(
+                    f"the gradient norm is {norm} at optimizer step {self.state.global_step + 1} (its loss is "
+                    f"finite): {self._stop_report()}"
+                )
+            if norm == 0.0:
+                self._note_zero_gradient()
+        return grad_norm
+
+    def _stop_report(self) -> str:
+        """What stopping at a non-finite loss or gradient leaves behind, and what to do."""
+        if self.is_deepspeed_enabled:
+            applied = (
+                "training stopped; DeepSpeed runs the optimizer step inside the backward pass, so the weights in "
+                "memory may hold it, but nothing was saved after it"
+            )
+        else:
+            applied = "training stopped before the optimizer applied it"
+        return f"{applied}; {self._last_checkpoint_text()}. {REMEDY}."
+
+    def _last_checkpoint_text(self) -> str:
+        last = last_complete_checkpoint(self.args.output_dir)
+        if last is None:
+            return "no checkpoint has been saved yet"
+        return f"the last checkpoint, {last}, holds finite weights (resume_from_checkpoint continues from it)"
+
+    def _note_zero_gradient(self) -> None:
+        """Record an optimizer step whose gradient is exactly 0 although it trains tokens (of tasks with
+        a weight), and warn at the first: a collapsed run would otherwise end without a word."""
+        counts = self._step_normalizers
+        weights = self._task_weights if self.coba is None else self._coba_weights
+        if counts is None:
+            return
+        tokens = int((counts.tokens_per_task.cpu() * (weights.cpu() > 0)).sum())
+        if tokens == 0:
+            return  # nothing to learn from in this step: a zero gradient is right
+        step = self.state.global_step + 1
+        self._zero_gradient_steps.append(step)
+        if len(self._zero_gradient_steps) == 1 and self.is_world_process_zero():
+            uniform = uniform_loss_text(self.accelerator.unwrap_model(self.model))
+            logger.warning(
+                "optimizer step %d: the gradient is exactly 0 although the step trains %d tokens, so the model no "
+                "longer learns. A learning rate far too high does this (the activations overflow and the loss stays "
+                "at %s); so do trainable weights that the loss does not reach. Lower learning_rate and start again "
+                "from an earlier checkpoint.", step, tokens, uniform or "ln(vocab size)",
+            )
+
+    def _stop_if_weights_not_finite(self, when: str, not_saved: str) -> None:
+        """Raise `NonFiniteWeightsError` if a trainable weight is NaN or infinite on any rank (every rank
+        calls this: it reduces over them)."""
+        names = non_finite_parameters(self.model)
+        count = len(names)
+        if self.accelerator.num_processes > 1:
+            count = int(self.accelerator.reduce(torch.tensor(count, device=self.args.device), reduction="sum"))
+        if count:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "on another rank"
+            raise NonFiniteWeightsError(
+                f"the trainable weights {when} are not finite ({shown}): {not_saved}; "
+                f"{self._last_checkpoint_text()}. {REMEDY}."
+            )
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -328,6 +414,16 @@ class MFTTrainer(Trainer):
                 self._add_coba_logs(logs)
         super().log(logs, start_time)
 
+    def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> TrainOutput:
+        """The Trainer's end of training, with `training_loss` exact and equal on every rank.
+
+        The Trainer adds the loss of the steps since the last logging step from each rank's own
+        accumulator, which holds that rank's share of the step losses times the number of ranks
+        (see `compute_loss`); their mean over the ranks is the loss of those steps, as at logging."""
+        if self.accelerator.num_processes > 1:
+            self._tr_loss = self.accelerator.reduce(self._tr_loss, reduction="mean")
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
     def evaluation_loop(
         self,
         dataloader: Any,
@@ -393,17 +489,31 @@ class MFTTrainer(Trainer):
         """Save as the Trainer does, plus the task registry (`tasks.json`) beside the model, with
         coba the balancer's state (`coba_state.json`), and for an adapter the model's generation config
         (which says where generation stops). The Trainer saves every checkpoint through here, before
-        its `trainer_state.json`, so a complete checkpoint always has them."""
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            output_dir = output_dir or self.args.output_dir
-            self.tasks.save(output_dir)
-            generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
-            if generation_config is not None and not os.path.isfile(os.path.join(output_dir, "generation_config.json")):
-                generation_config.save_pretrained(output_dir)  # PEFT saves the adapter only
-            if self.coba is not None:
-                with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
-                    json.dump(self.coba.state_dict(), f)
+        its `trainer_state.json`, so a complete checkpoint always has them.
+
+        Raises:
+            CheckpointSaveError: the save failed; the message names the directory and says whether
+                the disk is full.
+        """
+        output_dir = output_dir or self.args.output_dir
+        # Inside a checkpoint, _save_checkpoint reports the failure (as an incomplete checkpoint).
+        with contextlib.nullcontext() if _internal_call else reporting_save_failures(output_dir, "model"):
+            super().save_model(output_dir, _internal_call)
+            if self.args.should_save:
+                self.tasks.save(output_dir)
+                generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+                if generation_config is not None and not os.path.isfile(os.path.join(output_dir, "generation_config.json")):
+                    generation_config.save_pretrained(output_dir)  # PEFT saves the adapter only
+                if self.coba is not None:
+                    with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
+                        json.dump(self.coba.state_dict(), f)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint; a failed save says which checkpoint it left incomplete and why."""
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._stop_if_weights_not_finite(f"after optimizer step {self.state.global_step}", f"{checkpoint} was not saved")
+        with reporting_save_failures(checkpoint, "checkpoint"):
+            super()._save_checkpoint(model, trial)
 
     def train(
         self,
@@ -411,15 +521,54 @@ class MFTTrainer(Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> TrainOutput:
-        """`Trainer.train`; with coba, also restores the balancer from the checkpoint resumed from
-        (or starts it afresh: a new run measures L_i(0) on the model it starts from)."""
+        """`Trainer.train`, resumed only from a complete checkpoint (mft_trainer/checkpoints.py): `True`
+        takes the last complete one in output_dir (newer, incomplete ones are skipped with a warning),
+        and a named one must be complete. With coba, also restores the balancer from the checkpoint
+        resumed from (or starts it afresh: a new run measures L_i(0) on the model it starts from).
+
+        Training stops at the first non-finite loss, gradient or weight, before it is applied or saved;
+        a run whose gradient is exactly 0 at some steps ends with a warning that it collapsed.
+
+        Raises:
+            IncompleteCheckpointError: the named checkpoint lacks a file or has a truncated one.
+            ValueError: `resume_from_checkpoint=True` and output_dir holds no complete checkpoint.
+            NonFiniteLossError, NonFiniteGradientError, NonFiniteWeightsError: the run diverged.
+        """
+        resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if self.coba is not None:
-            if resume_from_checkpoint is True:
-                # Resolve "the last checkpoint" here, so that the Trainer and CoBa restore the same one
-                # (when there is none, True goes on and the Trainer raises its error).
-                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
-            self._restore_coba(resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None)
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+            self._restore_coba(resume_from_checkpoint)
+        self._optimizer_steps_checked, self._zero_gradient_steps = 0, []
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        # The caller saves the final model next (scripts/train.py does): not if it is damaged.
+        self._stop_if_weights_not_finite("at the end of training", "training stopped before they were saved")
+        self._warn_if_collapsed(output.training_loss)
+        return output
+
+    def _warn_if_collapsed(self, training_loss: float) -> None:
+        """Repeat, at the end, that steps had a gradient of exactly 0 (see `_note_zero_gradient`)."""
+        steps = self._zero_gradient_steps
+        if steps and self.is_world_process_zero():
+            uniform = uniform_loss_text(self.accelerator.unwrap_model(self.model))
+            logger.warning(
+                "training collapsed: %d of the %d optimizer steps had a gradient of exactly 0 (the first: step %d), "
+                "so the model learnt nothing from them; train_loss %.4f%s. Lower learning_rate.",
+                len(steps), self._optimizer_steps_checked, steps[0], training_loss, f" ({uniform})" if uniform else "",
+            )
+
+    def _checkpoint_to_resume(self, requested: str | bool | None) -> str | None:
+        """The checkpoint `train(resume_from_checkpoint=requested)` resumes from, checked complete."""
+        if requested is None or requested is False:
+            return None
+        if requested is True:
+            last = last_complete_checkpoint(self.args.output_dir)
+            if last is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint (incomplete "
+                    "ones are named in the warnings above); pass resume_from_checkpoint=None to start afresh"
+                )
+            return last
+        check_checkpoint(requested)
+        return str(requested)
 
     # ---- CoBa ------------------------------------------------------------------------------------
 

@@ -102,11 +102,15 @@ def main() -> int:
         parser.error(str(e))
     set_seed(args.seed)
 
-    # Model and tokenizer (base + adapter for an adapter directory).
-    model, tokenizer = load_model_and_tokenizer(
-        args.model, base_model=args.base_model, dtype=args.dtype, device=args.device,
-        trust_remote_code=args.trust_remote_code,
-    )
+    # Model and tokenizer (base + adapter for an adapter directory); a local path that does not exist
+    # fails at once, without asking the hub for it.
+    try:
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, base_model=args.base_model, dtype=args.dtype, device=args.device,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except FileNotFoundError as e:
+        parser.exit(1, f"error: {e}\n")
     try:
         prompt_format = saved_prompt_format(args.model, tokenizer, args.chat_template, args.role_markers, args.eos_token)
     except ValueError as e:  # includes ChatTemplateError

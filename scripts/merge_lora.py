@@ -37,6 +37,7 @@ from mft_trainer.inference import (
 )
 from mft_trainer.modeling import add_stop_token
 from mft_trainer.rendering import MFTCoderFormat
+from mft_trainer.paths import check_local_path
 from mft_trainer.recipe import RUN_CONFIG_FILE
 from mft_trainer.tasks import TASKS_FILE
 
@@ -57,12 +58,18 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # Check the inputs before loading anything large.
+    if not Path(args.adapter).exists():
+        parser.error(f"--adapter {args.adapter!r} does not exist")
     if not is_adapter_dir(args.adapter):
         parser.error(f"{args.adapter} is not a LoRA adapter directory (no adapter_config.json)")
     output_dir = Path(args.output_dir)
     if output_dir.resolve() == Path(args.adapter).resolve():
         parser.error("--output_dir must differ from --adapter (the merged model would overwrite the adapter)")
     base_model = args.base_model or adapter_base_model(args.adapter)
+    try:
+        check_local_path(base_model, "--base_model" if args.base_model else "the adapter's base model")
+    except FileNotFoundError as e:
+        parser.error(str(e))
 
     # Base + adapter, then fold the LoRA weights into the base weights.
     logger.info("loading base %s and adapter %s (dtype %s)", base_model, args.adapter, args.dtype)

@@ -14,11 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 from transformers import AutoTokenizer
 
 from mft_trainer import DataConfig, build_mft_dataset
 from mft_trainer.gguf_conversion import converted_gguf_checkpoint, is_gguf_path
+from mft_trainer.paths import check_local_path
+from mft_trainer.recipe import RecipeError, load_recipe_file
 
 TRAINED_OPEN, TRAINED_CLOSE = "\u00ab", "\u00bb"  # « » around the tokens that carry loss
 
@@ -54,7 +55,11 @@ def main() -> int:
     parser.add_argument("--save_to", help="save the train/valid datasets (datasets.save_to_disk) and tasks.json here")
     args = parser.parse_args()
 
-    recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    # The recipe reader of train.py: a duplicate key or a syntax error is reported with file and line.
+    try:
+        recipe, _ = load_recipe_file(args.recipe)
+    except RecipeError as e:
+        parser.error(str(e))
     tokenizer_path = recipe.pop("tokenizer_name_or_path", None) or recipe.get("model_name_or_path")
     if tokenizer_path is None:
         parser.error(f"{args.recipe} names no tokenizer: set tokenizer_name_or_path (or model_name_or_path)")
@@ -62,7 +67,13 @@ def main() -> int:
     ignored = sorted(set(recipe) - data_fields)
     if ignored:
         print(f"ignored (not data settings): {', '.join(ignored)}")
-    config = DataConfig(**{k: v for k, v in recipe.items() if k in data_fields})
+    try:
+        config = DataConfig(**{k: v for k, v in recipe.items() if k in data_fields})
+        # Paths first: a mistyped one fails here, not after the tokenizer loads (or the hub is asked).
+        check_local_path(tokenizer_path, "tokenizer")
+        config.check_paths()
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
 
     if is_gguf_path(tokenizer_path):
         tokenizer_path = converted_gguf_checkpoint(tokenizer_path)  # its tokenizer, converted once

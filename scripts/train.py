@@ -24,11 +24,11 @@ from pathlib import Path
 import datasets
 import transformers
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
 
 from mft_trainer import MFTTrainer, build_mft_dataset
 from mft_trainer.attention import default_attn_implementation  # also registers the torch_varlen backend
 from mft_trainer.chat_template import install_chat_template
+from mft_trainer.checkpoints import IncompleteCheckpointError, check_checkpoint, last_complete_checkpoint
 from mft_trainer.modeling import (
     ModelConfig,
     PeftType,
@@ -39,19 +39,22 @@ from mft_trainer.modeling import (
     trainable_parameters,
 )
 from mft_trainer.prompt_format import ChatTemplateMode, template_source
-from mft_trainer.recipe import RUN_CONFIG_FILE, RecipeError, help_text, parse_recipe
+from mft_trainer.recipe import RUN_CONFIG_FILE, RecipeError, check_recipe_paths, help_text, parse_recipe
 
 logger = logging.getLogger("mft_trainer.train")
 
 
 def resolve_checkpoint(requested, output_dir: str):
-    """`resume_from_checkpoint: auto` (or true) resumes from the last checkpoint in output_dir, if any."""
+    """`resume_from_checkpoint: auto` (or true) resumes from the last complete checkpoint in output_dir,
+    if any (newer, incomplete ones are skipped with a warning); a named checkpoint must be complete
+    (IncompleteCheckpointError), which is checked here, before the data and the model load."""
     if requested is None or str(requested).lower() in ("false", "none", ""):
         return None
     if str(requested).lower() in ("auto", "true", "latest"):
-        last = get_last_checkpoint(output_dir) if output_dir else None
-        logger.info("resume_from_checkpoint %s: %s", requested, last or "no checkpoint yet, starting fresh")
+        last = last_complete_checkpoint(output_dir) if output_dir else None
+        logger.info("resume_from_checkpoint %s: %s", requested, last or "no complete checkpoint yet, starting fresh")
         return last
+    check_checkpoint(requested)
     return requested
 
 
@@ -100,6 +103,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         recipe = parse_recipe(argv)
+        check_recipe_paths(recipe)  # a mistyped path fails here, not after tokenization or hub retries
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -117,7 +121,11 @@ def main(argv: list[str]) -> int:
 
     # --- seed and checkpoint ---
     transformers.set_seed(args.seed)
-    resume_from = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    try:
+        resume_from = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    except IncompleteCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     # --- data ---
     with args.main_process_first(desc="converting the GGUF file"):

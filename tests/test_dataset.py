@@ -1,6 +1,8 @@
 """Building the multi-task dataset: counts, over-length policy, split, validation files, cache."""
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,15 @@ def test_all_samples_too_long_is_an_error(tmp_path, tokenizer):
         build_mft_dataset(config([str(path.parent)], seq_length=16), tokenizer)
 
 
+def test_all_samples_without_trained_tokens_after_truncation_suggests_only_a_longer_seq_length(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "t" / "x.jsonl", [chat(("human", answer_of_length(tokenizer, 60)), ("bot", "a"))])
+    with pytest.raises(ValueError) as error:
+        build_mft_dataset(config([str(path.parent)], seq_length=16, overlength_policy="truncate"), tokenizer)
+    message = str(error.value)
+    assert "no sample left" in message and "keep no trained token" in message and "raise seq_length" in message
+    assert "use overlength_policy 'truncate'" not in message  # the policy already in use
+
+
 def test_explicit_validation_files(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "train" / "a.jsonl", [chat(("human", f"q{i}"), ("bot", "a")) for i in range(5)])
     b = write_jsonl(tmp_path / "train" / "b.jsonl", [chat(("human", "q"), ("bot", "b"))] * 3)
@@ -150,6 +161,35 @@ def test_tokenization_is_cached_and_parallel_gives_the_same(tmp_path, tokenizer,
     assert len(list(cache.glob("*.arrow"))) == 8
     parallel = build_mft_dataset(config(example_task_dirs, tokenize_num_proc=2), tokenizer)
     assert parallel.train.to_list() == first.train.to_list()
+
+
+@pytest.mark.parametrize("padding_mode,damaged", [("padding", "code_qa-*.arrow"), ("pack", "rows-*.arrow")])
+def test_a_truncated_cache_file_is_named_and_built_again(tmp_path, tokenizer, example_task_dirs, caplog, padding_mode,
+                                                        damaged):
+    cache = tmp_path / "cache"
+    settings = dict(dataset_cache_dir=str(cache), padding_mode=padding_mode, seq_length=512)
+    expected = build_mft_dataset(config(example_task_dirs[:2], **settings), tokenizer).train.to_list()
+    broken = sorted(cache.glob(damaged))[0]  # (after the read above: the first build maps this file)
+    os.truncate(broken, broken.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="mft_trainer"):
+        second = build_mft_dataset(config(example_task_dirs[:2], **settings), tokenizer)
+    assert f"the cache file {broken} cannot be read (Expected to be able to read" in caplog.text
+    assert "removed, it is built again" in caplog.text
+    assert second.train.to_list() == expected
+
+
+def test_temporary_files_of_a_killed_tokenization_are_removed(tmp_path, tokenizer, example_task_dirs):
+    """datasets.map writes into tmpXXXXXXXX and renames it at the end; a killed run leaves it there."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    abandoned, live = cache / "tmpa1b2c3d4", cache / "tmpz9y8x7w6"
+    for path in (abandoned, live):
+        path.write_bytes(b"half a tokenized task")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    build_mft_dataset(config(example_task_dirs[:1], dataset_cache_dir=str(cache)), tokenizer)
+    assert not abandoned.exists()
+    assert live.exists()  # written to a moment ago: it may be another run's map at work
 
 
 def test_role_markers_and_eos_reach_the_dataset(tmp_path, tokenizer):

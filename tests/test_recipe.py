@@ -74,10 +74,55 @@ def test_unknown_key_is_an_error_with_suggestions():
     ("max_steps", "1.5", "not a valid int"),
     ("learning_rate", "fast", "not a valid float"),
     ("use_cpu", "maybe", "not a valid bool"),
+    ("max_steps", "[3]", r"max_steps: \[3\] is a list, but max_steps takes a single int"),
+    ("learning_rate", "{a: 1}", r"learning_rate: \{'a': 1\} is a mapping, but learning_rate takes a single float"),
+    ("data_paths", "[a, b", "--data_paths \\[a, b: not a valid YAML list or mapping"),
 ])
 def test_values_of_the_wrong_type_are_errors(key, value, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe([f"--{k}={v}" for k, v in {**BASE, key: value}.items()])
+
+
+def test_list_fields_still_take_lists(tmp_path):
+    recipe = parse_recipe([write_yaml(tmp_path, """
+model_name_or_path: m
+target_modules: [q_proj, v_proj]
+data_paths: [data/a]
+output_dir: out
+use_cpu: true
+report_to: [none]
+lr_scheduler_kwargs: {min_lr: 0.0}
+""")])
+    assert recipe.model.target_modules == ["q_proj", "v_proj"] and recipe.training.lr_scheduler_kwargs == {"min_lr": 0.0}
+
+
+def test_a_list_for_a_single_value_in_yaml_names_the_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"max_steps: \[3\] is a list, but max_steps takes a single int"):
+        parse_recipe([write_yaml(tmp_path, "model_name_or_path: m\ndata_paths: [x]\noutput_dir: out\nmax_steps: [3]\n")])
+
+
+def test_a_key_written_twice_is_an_error_with_both_lines(tmp_path):
+    path = write_yaml(tmp_path, "model_name_or_path: m\nmax_steps: 3\ndata_paths: [x]\nmax_steps: 5\n")
+    with pytest.raises(RecipeError, match=r"recipe.yaml:4:1: duplicate key 'max_steps' \(first written at line 2\)"):
+        parse_recipe([path])
+    nested = write_yaml(tmp_path, "model_name_or_path: m\ntask_weights: {a: 1, a: 2}\n")
+    with pytest.raises(RecipeError, match=r"recipe.yaml:2:22: duplicate key 'a'"):
+        parse_recipe([nested])
+    json_path = tmp_path / "recipe.json"
+    json_path.write_text('{"max_steps": 3,\n "max_steps": 5}')
+    with pytest.raises(RecipeError, match=r"recipe.json: duplicate key 'max_steps'"):
+        parse_recipe([str(json_path)])
+
+
+def test_a_syntax_error_gives_file_and_line(tmp_path):
+    # The parser notices on line 4; the unclosed list starts on line 3.
+    with pytest.raises(RecipeError, match=r"recipe.yaml:4:11: not valid YAML: expected ',' or '\]', but got ':' "
+                                          r"\(while parsing a flow sequence that starts at line 3\)"):
+        parse_recipe([write_yaml(tmp_path, "model_name_or_path: m\noutput_dir: out\ndata_paths: [x\nseq_length: 1\n")])
+    json_path = tmp_path / "recipe.json"
+    json_path.write_text('{"max_steps": 3,\n "seed" 5}')
+    with pytest.raises(RecipeError, match=r"recipe.json:2:9: not valid JSON: Expecting ':' delimiter"):
+        parse_recipe([str(json_path)])
 
 
 def test_config_validation_errors_surface_as_recipe_errors():

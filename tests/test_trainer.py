@@ -19,16 +19,21 @@ from .conftest import REPO
 from .distributed.evaluate import LAYOUTS as EVAL_LAYOUTS
 from .distributed.evaluate import METRICS as EVAL_METRICS
 from .distributed.evaluate import evaluate as evaluate_samples
-from .distributed.one_step import MODES, make_samples, one_step_update
+from .distributed.one_step import MODES, make_samples, one_step, one_step_update
 from .helpers import tiny_llama
 
 
 @pytest.fixture(scope="module")
-def one_batch_updates(tmp_path_factory):
-    """The reference: the 8 samples as one batch, one process, no accumulation."""
+def one_batch_runs(tmp_path_factory):
+    """The reference: the 8 samples as one batch, one process, no accumulation: {mode: (update, training_loss)}."""
     out = str(tmp_path_factory.mktemp("ref"))
-    return {mode: one_step_update(mode, batch_size=8, accumulation=1, output_dir=out, loss_implementation="plain")
+    return {mode: one_step(mode, batch_size=8, accumulation=1, output_dir=out, loss_implementation="plain")
             for mode in MODES}
+
+
+@pytest.fixture(scope="module")
+def one_batch_updates(one_batch_runs):
+    return {mode: update for mode, (update, _) in one_batch_runs.items()}
 
 
 def assert_same_updates(got: dict, expected: dict, what: str) -> None:
@@ -69,18 +74,23 @@ def run_torchrun(script: str, *arguments: str) -> None:
 
 
 def run_two_ranks(tmp_path, *extra: str) -> dict:
-    """tests/distributed/one_step.py on 2 torchrun ranks (gloo) x batch 2 x accumulation 2."""
+    """tests/distributed/one_step.py on 2 torchrun ranks (gloo) x batch 2 x accumulation 2: {"updates":
+    {mode: update}, "training_loss": {mode: [rank 0's, rank 1's]}}."""
     out = tmp_path / "updates.pt"
     run_torchrun("one_step.py", "--out", str(out), "--batch_size", "2", "--accumulation", "2", *extra)
     return torch.load(out)
 
 
 @pytest.mark.distributed
-def test_two_ranks_give_the_one_batch_gradient(tmp_path, one_batch_updates):
-    """Task b is absent from rank 0, task c from rank 1."""
-    updates = run_two_ranks(tmp_path)
+def test_two_ranks_give_the_one_batch_gradient_and_training_loss(tmp_path, one_batch_runs):
+    """Task b is absent from rank 0, task c from rank 1. The step is not logged, so training_loss is
+    the loss the Trainer adds at the end from each rank's own accumulator (rank 0 reported 2x its
+    own share before MFTTrainer averaged it over the ranks)."""
+    result = run_two_ranks(tmp_path, "--logging_steps", "2")
     for mode in MODES:
-        assert_same_updates(updates[mode], one_batch_updates[mode], f"{mode} 2 ranks:")
+        update, training_loss = one_batch_runs[mode]
+        assert_same_updates(result["updates"][mode], update, f"{mode} 2 ranks:")
+        assert result["training_loss"][mode] == pytest.approx([training_loss] * 2, rel=1e-6), mode  # float32 sums
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +108,7 @@ def test_sharded_backends_on_two_ranks_give_the_one_batch_gradient(tmp_path, one
         extra = ["--deepspeed", f"ds_configs/{backend.split()[1]}.json"]
     else:
         extra = ["--fsdp_config", "fsdp_configs/fsdp2.json"]
-    updates = run_two_ranks(tmp_path, *extra, "--dtype", "float32")
+    updates = run_two_ranks(tmp_path, *extra, "--dtype", "float32")["updates"]
     reference = one_batch_updates_float32
     for mode in MODES:
         for name in reference[mode]:
@@ -116,7 +126,7 @@ def test_sharded_backends_with_tied_embeddings_give_the_one_batch_gradient(tmp_p
         extra = ["--deepspeed", f"ds_configs/{backend.split()[1]}.json"]
     else:
         extra = ["--fsdp_config", "fsdp_configs/fsdp2.json"]
-    updates = run_two_ranks(tmp_path, *extra, "--dtype", "float32", "--tie_word_embeddings")
+    updates = run_two_ranks(tmp_path, *extra, "--dtype", "float32", "--tie_word_embeddings")["updates"]
     for mode in MODES:
         reference = one_step_update(mode, 8, 1, str(tmp_path / "ref"), dtype=torch.float32, tie_word_embeddings=True,
                                     loss_implementation="plain")

@@ -1,4 +1,5 @@
-"""One SGD step of MFTTrainer on eight hand-made samples; returns (or saves) the parameter update.
+"""One SGD step of MFTTrainer on eight hand-made samples; returns (or saves) the parameter update
+and the run's `training_loss`.
 
 Used in-process by tests/test_trainer.py (one process, any batch size / accumulation) and, under
 torchrun with the gloo backend, for two data-parallel ranks:
@@ -48,17 +49,24 @@ def make_samples(seed: int = 0) -> list[dict]:
     return samples
 
 
-def one_step_update(
+def one_step_update(*args, **kwargs) -> dict[str, torch.Tensor]:
+    """`one_step(...)`'s parameter update."""
+    return one_step(*args, **kwargs)[0]
+
+
+def one_step(
     mode: str, batch_size: int, accumulation: int, output_dir: str, deepspeed: str | None = None,
     dtype: torch.dtype = torch.float64, fsdp_config: str | None = None, tie_word_embeddings: bool = False,
-    loss_implementation: str = "auto",
-) -> dict[str, torch.Tensor]:
-    """Train one optimizer step; return {parameter name: new value - old value}.
+    loss_implementation: str = "auto", logging_steps: int = 1,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Train one optimizer step; return ({parameter name: new value - old value}, training_loss).
 
     `deepspeed` is a DeepSpeed config path (ZeRO-3 needs float32: it has no float64 support);
     `fsdp_config` an FSDP config path (turns FSDP on); `tie_word_embeddings` shares the output layer's
     weight with the input embedding (Qwen2-0.5B and many small models do). The runs under test take
     the default loss path (chunked for this model); the references take `loss_implementation="plain"`.
+    `logging_steps` above 1 leaves the step unlogged, so that `training_loss` comes from the loss
+    the Trainer adds at the end of training.
     """
     model = tiny_llama(VOCAB, seed=0, dtype=dtype, tie_word_embeddings=tie_word_embeddings)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -81,7 +89,7 @@ def one_step_update(
         use_cpu=True,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         disable_tqdm=True,
-        logging_steps=1,
+        logging_steps=logging_steps,
         deepspeed=deepspeed,
         fsdp=fsdp_config is not None,
         fsdp_config=fsdp_config,
@@ -93,7 +101,7 @@ def one_step_update(
         data_collator=DataCollatorForMFT(pad_token_id=0),
         tasks=TaskRegistry.from_names(["a", "b", "c"]),
     )
-    trainer.train()
+    training_loss = trainer.train().training_loss
     gathered = contextlib.nullcontext()
     if deepspeed is not None:
         import deepspeed as ds  # ZeRO-3 keeps only a shard of each parameter per rank
@@ -102,7 +110,7 @@ def one_step_update(
     with gathered:
         # FSDP2 parameters are DTensors: compare their full values.
         full = {name: p.full_tensor() if hasattr(p, "full_tensor") else p for name, p in trainer.model.named_parameters()}
-        return {name: value.detach().clone() - before[name] for name, value in full.items()}
+        return {name: value.detach().clone() - before[name] for name, value in full.items()}, training_loss
 
 
 def main() -> None:
@@ -114,18 +122,23 @@ def main() -> None:
     parser.add_argument("--fsdp_config", help="an FSDP config, e.g. fsdp_configs/fsdp2.json")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--tie_word_embeddings", action="store_true")
+    parser.add_argument("--logging_steps", type=int, default=1)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    updates = {}
+    updates, training_losses = {}, {}
     with tempfile.TemporaryDirectory() as output_dir:
         for mode in MODES:
-            updates[mode] = one_step_update(
+            updates[mode], training_loss = one_step(
                 mode, args.batch_size, args.accumulation, output_dir, args.deepspeed, dtype, args.fsdp_config,
-                args.tie_word_embeddings,
+                args.tie_word_embeddings, logging_steps=args.logging_steps,
             )
+            training_losses[mode] = [training_loss]
+            if torch.distributed.is_initialized():  # every rank's own, to check that they agree
+                training_losses[mode] = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(training_losses[mode], training_loss)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
-    torch.save(updates, args.out)
+    torch.save({"updates": updates, "training_loss": training_losses}, args.out)
 
 
 if __name__ == "__main__":
