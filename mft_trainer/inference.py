@@ -575,6 +575,7 @@ def run_interactive(
     out: TextIO,
     show_prompt: TextIO | None = None,
     prompt_prefix: str = "",
+    echo: bool = False,
 ) -> None:
     """Chat line by line: each input line is a user turn, answered with the history so far.
 
@@ -585,6 +586,8 @@ def run_interactive(
         show_prompt: if given, each full prompt text is written there (as a JSON string) first,
             to see exactly what the model is given.
         prompt_prefix: written to `out` before each input line is read (e.g. "user> " on a terminal).
+        echo: write each question (`user> ...`) and answer (`model> ...`) as a transcript, for input
+            that is not typed at a terminal.
     """
     out.write(prompt_prefix)
     out.flush()
@@ -602,8 +605,10 @@ def run_interactive(
             if show_prompt is not None:
                 show_prompt.write(f"prompt: {json.dumps(session.prompt(line).text)}\n")
                 show_prompt.flush()
+            if echo:
+                out.write(f"user> {line}\n")
             generation = session.ask(line)
             cut = "" if generation.stopped_at_eos else " [cut short: max_new_tokens reached]"
-            out.write(f"{generation.text}{cut}\n\n")
+            out.write(f"{'model> ' if echo else ''}{generation.text}{cut}\n\n")
         out.write(prompt_prefix)
         out.flush()
