@@ -35,6 +35,7 @@ from typing import Any, TextIO
 import torch
 
 from .paths import check_local_path
+from .run_artifacts import read_run_config
 from .records import InvalidRecord, Problem, RecordError, iter_jsonl_lines, single_turn_context
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 from .prompt_format import ChatTemplateMode, build_inference_prompt, get_prompt_format
@@ -182,14 +183,8 @@ def saved_prompt_format(
     "the tokenizer's chat template"
     """
     from .chat_template import is_mft_chat_template
-    from .recipe import RUN_CONFIG_FILE
 
-    settings: dict[str, Any] = {}
-    run_config = Path(model_dir) / RUN_CONFIG_FILE
-    if run_config.is_file():
-        import yaml
-
-        settings = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("data", {}) or {}
+    settings = read_run_config(model_dir).get("data") or {}
     mode = chat_template or settings.get("chat_template")
     if mode is None and is_adapter_dir(model_dir) and not _has_tokenizer(model_dir):
         mode = ChatTemplateMode.MFTCODER.value
