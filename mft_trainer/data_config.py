@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional, Union
 
+from .formats import InputFormat
 from .prompt_format import check_chat_template_setting
 from .rendering import RoleMarkers
 from .splitting import parse_data_split
@@ -21,6 +22,13 @@ class OverlengthPolicy(str, Enum):
 
     DROP = "drop"  # the sample is left out (and counted)
     TRUNCATE = "truncate"  # the sample is cut to seq_length; dropped (and counted) if no trained token is left
+
+
+class EmptyAnswers(str, Enum):
+    """What happens to an assistant turn with no content."""
+
+    TRAIN = "train"  # trained as an empty answer (MFTCoder: "\n" + EOS), counted and warned about
+    INVALID = "invalid"  # the record is invalid (an error, or skipped with skip_invalid_records)
 
 
 class PaddingMode(str, Enum):
@@ -52,13 +60,22 @@ class PaddingMode(str, Enum):
             ) from None
 
 
+def _enum_value(enum: type[Enum], value: Any, name: str) -> str:
+    """The value of setting `name` as a member of `enum`; the error lists the accepted values."""
+    try:
+        return enum(value).value
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[m.value for m in enum]}, got {value!r}") from None
+
+
 @dataclass
 class DataConfig:
     """Data fields of a run. Each field's `help` is what `--help` shows.
 
     Groups:
         where: data_paths, valid_data_paths
-        samples: seq_length, overlength_policy, chat_template, role_markers, eos_token, skip_invalid_records
+        records: record_format, empty_answers, skip_invalid_records
+        samples: seq_length, overlength_policy, chat_template, role_markers, eos_token
         batches: padding_mode
         split: data_split, split_seed
         processing: tokenize_num_proc, dataset_cache_dir
@@ -133,10 +150,26 @@ class DataConfig:
             "the tokenizer's EOS token. In the template modes, assistant turns end with what the template writes."
         },
     )
+    record_format: Union[str, dict] = field(
+        default="auto",
+        metadata={
+            "help": "The format of the records: 'auto' (detected per record from its keys), or one of chat_rounds, "
+            "messages, sharegpt, prompt_completion, alpaca, single_turn, text for every task, or a mapping "
+            "{task_name: format} (tasks not named: auto). See docs/data_format.md."
+        },
+    )
+    empty_answers: str = field(
+        default="train",
+        metadata={
+            "help": "Assistant turns with no content: 'train' them as an empty answer, as MFTCoder does (its "
+            "\"\\n\" + EOS in the mftcoder format, the template's end of turn in the template modes), counted per task "
+            "in the summary with a warning; or 'invalid' (the record is invalid, see skip_invalid_records)."
+        },
+    )
     skip_invalid_records: bool = field(
         default=False,
         metadata={
-            "help": "Skip invalid jsonl records (counted per task and reason in the summary) instead of stopping "
+            "help": "Skip invalid records (counted per task and reason in the summary) instead of stopping "
             "with the list of errors."
         },
     )
@@ -159,12 +192,7 @@ class DataConfig:
             )
         if not isinstance(self.seq_length, int) or self.seq_length <= 0:
             raise ValueError(f"seq_length must be a positive integer, got {self.seq_length!r}")
-        try:
-            self.overlength_policy = OverlengthPolicy(self.overlength_policy).value
-        except ValueError:
-            raise ValueError(
-                f"overlength_policy must be one of {[p.value for p in OverlengthPolicy]}, got {self.overlength_policy!r}"
-            ) from None
+        self.overlength_policy = _enum_value(OverlengthPolicy, self.overlength_policy, "overlength_policy")
         if self.data_split is None:
             self.data_split = "100,0" if self.valid_data_paths is not None else "98,2"
         _, valid_fraction = parse_data_split(self.data_split)
@@ -176,8 +204,40 @@ class DataConfig:
         RoleMarkers.from_config(self.role_markers)  # validate early, with the same message as later
         check_chat_template_setting(self.chat_template, self.role_markers)
         self.padding_mode = PaddingMode.parse(self.padding_mode).value
+        self.empty_answers = _enum_value(EmptyAnswers, self.empty_answers, "empty_answers")
+        self._check_record_format()
         if self.tokenize_num_proc is not None and self.tokenize_num_proc < 1:
             raise ValueError(f"tokenize_num_proc must be >= 1, got {self.tokenize_num_proc!r}")
+
+    def _check_record_format(self) -> None:
+        if isinstance(self.record_format, dict):
+            if not self.record_format:
+                raise ValueError("record_format is an empty mapping; give {task_name: format} or one format for all")
+            for name, value in self.record_format.items():
+                InputFormat.parse(value, where=f"record_format[{name!r}]")
+        elif isinstance(self.record_format, (str, InputFormat)):
+            self.record_format = InputFormat.parse(self.record_format).value
+        else:
+            raise ValueError(
+                f"record_format must be a format name or a mapping {{task_name: format}}, got {self.record_format!r}"
+            )
+
+    def record_format_of(self, task: str) -> InputFormat:
+        """The record format of task `task` (`auto` unless record_format names one)."""
+        if isinstance(self.record_format, dict):
+            return InputFormat.parse(self.record_format.get(task, InputFormat.AUTO.value))
+        return InputFormat.parse(self.record_format)
+
+    def check_task_names(self, names: list[str]) -> None:
+        """Settings by task name must name tasks that exist.
+
+        Raises:
+            ValueError: record_format names a task that data_paths does not have.
+        """
+        if isinstance(self.record_format, dict):
+            unknown = sorted(set(self.record_format) - set(names))
+            if unknown:
+                raise ValueError(f"record_format names unknown task(s) {unknown}; the tasks are {names}")
 
     def check_paths(self) -> None:
         """Check that every task path exists and holds data, as `build_mft_dataset` will need, so that

@@ -29,9 +29,10 @@ from datasets.fingerprint import Hasher
 from .cache import cache_file_for
 from .collator import DataCollatorForMFT
 from .constants import IGNORE_INDEX
-from .data_config import DataConfig, OverlengthPolicy, PaddingMode
+from .data_config import DataConfig, EmptyAnswers, OverlengthPolicy, PaddingMode
 from .packing import concat_dataset, pack_dataset
-from .records import DataValidationError, Record, RecordError, read_records
+from .reading import read_records
+from .records import DataValidationError, Record, RecordError
 from .prompt_format import get_prompt_format
 from .segments import PromptFormat, tokenize_segments
 from .template_rendering import ChatTemplateError
@@ -97,7 +98,7 @@ class _Tokenizer:
         self.task_id = task_id
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        records = [Record.from_row(dict(zip(batch, values))) for values in zip(*batch.values())]
+        records = [Record.from_row(row, row["source"]) for row in (dict(zip(batch, values)) for values in zip(*batch.values()))]
         try:
             segments = self.prompt_format.batch_training_segments(records)
         except ChatTemplateError as e:
@@ -136,7 +137,7 @@ def _cache_dir(config: DataConfig) -> Path | None:
 def _tokenize_task(
     name: str, records: list[Record], task_id: int, tokenizer: Any, config: DataConfig, prompt_format: PromptFormat
 ) -> Dataset:
-    raw = Dataset.from_list([r.to_row() for r in records])
+    raw = Dataset.from_list([{**r.to_row(), "source": r.source} for r in records])
     settings = config.render_settings()
     # The fingerprint of `raw` hashes the records' content; with the tokenizer, the render settings
     # and the prompt format it identifies the result, so a cached file is reused only when nothing changed.
@@ -189,21 +190,24 @@ def _no_sample_left_message(name: str, summary: TaskSummary, config: DataConfig)
 
 
 def _read_tasks(
-    sources: dict[str, list[Path]], summaries: dict[str, TaskSummary], skip_invalid: bool
+    sources: dict[str, list[Path]], summaries: dict[str, TaskSummary], config: DataConfig
 ) -> dict[str, list[Record]]:
     records: dict[str, list[Record]] = {}
     errors: list[RecordError] = []
+    allow_empty = config.empty_answers == EmptyAnswers.TRAIN.value
     for name, files in sources.items():
-        task_records = read_records(files)
+        task_records = read_records(files, config.record_format_of(name), allow_empty)
         summary = summaries[name]
         summary.files += len(files)
         summary.records += len(task_records.records)
+        summary.empty_answers += task_records.empty_answers
+        summary.empty_answer_examples += task_records.empty_answer_examples()
         summary.skipped_invalid += len(task_records.errors)
         for reason, count in task_records.skipped_by_problem.items():
             summary.skipped_reasons[reason] = summary.skipped_reasons.get(reason, 0) + count
         errors += task_records.errors
         records[name] = task_records.records
-    if errors and not skip_invalid:
+    if errors and not config.skip_invalid_records:
         raise DataValidationError(errors)
     for error in errors:
         logger.debug("skipped invalid record %s", error)
@@ -246,8 +250,16 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
         data_split=config.data_split,
     )
 
-    train_records = _read_tasks(train_sources, summaries, config.skip_invalid_records)
-    valid_records = _read_tasks(valid_sources, summaries, config.skip_invalid_records)
+    config.check_task_names(list(tasks.names))
+    train_records = _read_tasks(train_sources, summaries, config)
+    valid_records = _read_tasks(valid_sources, summaries, config)
+    for task in summary.tasks:
+        if task.empty_answers:
+            summary.warnings.append(
+                f"task {task.name!r} has {task.empty_answers} empty assistant turn(s) "
+                f"({', '.join(task.empty_answer_examples[:3])}{', ...' if task.empty_answers > 3 else ''}): trained "
+                "as empty answers, as MFTCoder does (empty_answers: invalid reports them as invalid records instead)"
+            )
 
     train_parts, valid_parts = [], []
     for task_id, name in enumerate(tasks.names):

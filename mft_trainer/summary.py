@@ -20,6 +20,8 @@ class TaskSummary:
     records: int = 0
     skipped_invalid: int = 0
     skipped_reasons: dict[str, int] = field(default_factory=dict)
+    empty_answers: int = 0  # assistant turns with no content, trained as empty answers (empty_answers: train)
+    empty_answer_examples: list[str] = field(default_factory=list)  # where the first of them are
     dropped_too_long: int = 0
     truncated: int = 0
     dropped_no_trained_token: int = 0
@@ -73,6 +75,7 @@ _COLUMNS = (
     ("task", "name"),
     ("records", "records"),
     ("skipped", "skipped_invalid"),
+    ("empty", "empty_answers"),
     ("too long", "dropped_too_long"),
     ("truncated", "truncated"),
     ("no loss", "dropped_no_trained_token"),
