@@ -84,9 +84,11 @@ class DataConfig:
     data_paths: Optional[Union[list[str], dict, str]] = field(
         default=None,
         metadata={
-            "help": "The tasks: a task directory of jsonl files (searched recursively) or a .jsonl file, a list of "
-            "them (the task name is the directory name, or the file name without .jsonl), or a mapping "
-            "{task_name: [paths]}."
+            "help": "The tasks: a task directory (searched recursively for .jsonl, .json, .parquet, .csv and .arrow "
+            "files, in any case, and save_to_disk directories), one such file, or a datasets spec {path: org/name or a "
+            "local directory, name, split, data_files, revision}; a list of them (the task name is the directory's "
+            "name, the file's without extension, or the spec path's last part), or a mapping {task_name: [sources]}. "
+            "See docs/data_format.md."
         },
     )
     valid_data_paths: Optional[Union[list[str], dict, str]] = field(
@@ -174,13 +176,15 @@ class DataConfig:
         },
     )
     tokenize_num_proc: Optional[int] = field(
-        default=None, metadata={"help": "Processes used to tokenize (datasets.map num_proc); default 1."}
+        default=None,
+        metadata={"help": "Processes that validate and tokenize the records (datasets.map num_proc); default 1."},
     )
     dataset_cache_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Where tokenized tasks are cached (reused while data, tokenizer and settings are unchanged); "
-            "default <HF datasets cache>/mft_trainer. Set to 'none' to disable caching."
+            "help": "Where read, validated and tokenized tasks are cached (reused while data, tokenizer and settings "
+            "are unchanged); default <HF datasets cache>/mft_trainer. Set to 'none' to disable caching (everything "
+            "is then held in memory)."
         },
     )
 
@@ -244,8 +248,9 @@ class DataConfig:
         a mistyped path fails before anything loads.
 
         Raises:
-            FileNotFoundError: a path that does not exist.
-            ValueError: a directory without .jsonl files, a file that is not one, two tasks of one name.
+            FileNotFoundError: a path that does not exist (a local `datasets` path too: never a hub request).
+            ValueError: a directory without data files, a file that is not one, a malformed `datasets` spec,
+                two tasks of one name.
         """
         resolve_task_sources(self.data_paths)
         if self.valid_data_paths is not None:

@@ -23,21 +23,25 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
 
-from .cache import cache_file_for
+from .cache import cache_file_for, safe_file_name
 from .collator import DataCollatorForMFT
 from .constants import IGNORE_INDEX
 from .data_config import DataConfig, EmptyAnswers, OverlengthPolicy, PaddingMode
 from .packing import concat_dataset, pack_dataset
-from .reading import read_records
+from .reading import TaskRecords, read_task
 from .records import DataValidationError, Record, RecordError
 from .prompt_format import get_prompt_format
 from .segments import PromptFormat, tokenize_segments
 from .template_rendering import ChatTemplateError
 from .splitting import split_indices
 from .summary import DatasetSummary, TaskSummary
+from .sources import TaskSources
 from .tasks import TaskRegistry, resolve_task_sources
 
 logger = logging.getLogger(__name__)
@@ -87,24 +91,32 @@ class MFTDataset:
 
 
 class _Tokenizer:
-    """The `datasets.map` function: render and tokenize a batch of records of one task."""
+    """The `datasets.map` function: render and tokenize a batch of validated records of one task."""
 
-    def __init__(self, tokenizer: Any, prompt_format: PromptFormat, config: DataConfig, task_id: int):
+    def __init__(
+        self, tokenizer: Any, prompt_format: PromptFormat, config: DataConfig, task_id: int, records: TaskRecords
+    ):
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         # concat cuts long documents across rows, so no sample is too long for it.
         self.max_length = None if config.splits_long_samples else config.seq_length
         self.truncate = config.overlength_policy == OverlengthPolicy.TRUNCATE.value
         self.task_id = task_id
+        self.location = records.location  # names a record in errors
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        records = [Record.from_row(row, row["source"]) for row in (dict(zip(batch, values)) for values in zip(*batch.values()))]
+        records = [
+            Record.from_row({"format": f, "messages": m, "text": t})
+            for f, m, t in zip(batch["format"], batch["messages"], batch["text"])
+        ]
         try:
             segments = self.prompt_format.batch_training_segments(records)
         except ChatTemplateError as e:
             # Name the record: the template's error is about this conversation, not the whole task.
-            where = records[e.record_index].source if e.record_index is not None else None
-            raise ChatTemplateError(f"{where}: {e}" if where else str(e)) from None
+            if e.record_index is None:
+                raise
+            where = self.location(batch["source"][e.record_index], batch["position"][e.record_index])
+            raise ChatTemplateError(f"{where}: {e}") from None
         out: dict[str, list] = {name: [] for name in _TOKENIZED_FEATURES}
         for sample in tokenize_segments(segments, self.tokenizer, self.prompt_format.eos_token_id):
             input_ids, labels, status = sample["input_ids"], sample["labels"], _STATUS_KEPT
@@ -135,17 +147,17 @@ def _cache_dir(config: DataConfig) -> Path | None:
 
 
 def _tokenize_task(
-    name: str, records: list[Record], task_id: int, tokenizer: Any, config: DataConfig, prompt_format: PromptFormat
+    name: str, records: TaskRecords, task_id: int, tokenizer: Any, config: DataConfig, prompt_format: PromptFormat
 ) -> Dataset:
-    raw = Dataset.from_list([{**r.to_row(), "source": r.source} for r in records])
+    raw = records.records
     settings = config.render_settings()
-    # The fingerprint of `raw` hashes the records' content; with the tokenizer, the render settings
-    # and the prompt format it identifies the result, so a cached file is reused only when nothing changed.
+    # The fingerprint of `raw` identifies the validated records (their sources' content, the record
+    # format); with the tokenizer, the render settings and the prompt format it identifies the
+    # result, so a cached file is reused only when nothing changed.
     key = Hasher.hash([_CACHE_FORMAT_VERSION, raw._fingerprint, tokenizer, settings, prompt_format.cache_key(), task_id])
-    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    cache_file = cache_file_for(_cache_dir(config), f"{safe_name}-{key}.arrow")
+    cache_file = cache_file_for(_cache_dir(config), f"{safe_file_name(name)}-{key}.arrow")
     return raw.map(
-        _Tokenizer(tokenizer, prompt_format, config, task_id),
+        _Tokenizer(tokenizer, prompt_format, config, task_id, records),
         batched=True,
         batch_size=256,
         remove_columns=raw.column_names,
@@ -159,19 +171,20 @@ def _tokenize_task(
 
 
 def _count_and_keep(tokenized: Dataset, summary: TaskSummary) -> Dataset:
-    """Add the over-length counts and the kept samples' sizes to `summary`; return the kept samples."""
-    statuses = Counter(tokenized["status"])
-    summary.dropped_too_long += statuses[_STATUS_TOO_LONG]
-    summary.truncated += statuses[_STATUS_TRUNCATED]
-    summary.dropped_no_trained_token += statuses[_STATUS_NO_TRAINED]
-    kept_statuses = {_STATUS_KEPT, _STATUS_TRUNCATED}
-    if sum(statuses[s] for s in kept_statuses) < len(tokenized):
-        # In memory: the kept rows' indices are cheap to find again, and a cache file of them would be
-        # one more file that a damaged cache could leave unreadable.
-        tokenized = tokenized.filter(lambda status: status in kept_statuses, input_columns="status", keep_in_memory=True)
-    summary.samples += len(tokenized)
-    summary.tokens += sum(tokenized["num_tokens"])
-    summary.trained_tokens += sum(tokenized["num_trained_tokens"])
+    """Add the over-length counts and the kept samples' sizes to `summary`; return the kept samples
+    (counted with pyarrow: no Python list of a whole column)."""
+    table = tokenized.data
+    statuses = {str(c["values"]): int(c["counts"]) for c in pc.value_counts(table.column("status")).to_pylist()}
+    summary.dropped_too_long += statuses.get(_STATUS_TOO_LONG, 0)
+    summary.truncated += statuses.get(_STATUS_TRUNCATED, 0)
+    summary.dropped_no_trained_token += statuses.get(_STATUS_NO_TRAINED, 0)
+    kept = pc.is_in(table.column("status"), value_set=pa.array([_STATUS_KEPT, _STATUS_TRUNCATED]))
+    kept = kept.to_numpy(zero_copy_only=False)  # [N] bool
+    if not kept.all():
+        tokenized = tokenized.select(np.flatnonzero(kept))
+    summary.samples += int(kept.sum())
+    summary.tokens += int(table.column("num_tokens").to_numpy()[kept].sum())
+    summary.trained_tokens += int(table.column("num_trained_tokens").to_numpy()[kept].sum())
     return tokenized.select_columns(list(SAMPLE_COLUMNS))
 
 
@@ -190,25 +203,34 @@ def _no_sample_left_message(name: str, summary: TaskSummary, config: DataConfig)
 
 
 def _read_tasks(
-    sources: dict[str, list[Path]], summaries: dict[str, TaskSummary], config: DataConfig
-) -> dict[str, list[Record]]:
-    records: dict[str, list[Record]] = {}
+    sources: dict[str, TaskSources], summaries: dict[str, TaskSummary], config: DataConfig, warnings: list[str]
+) -> dict[str, TaskRecords]:
+    records: dict[str, TaskRecords] = {}
     errors: list[RecordError] = []
+    error_count = 0
     allow_empty = config.empty_answers == EmptyAnswers.TRAIN.value
-    for name, files in sources.items():
-        task_records = read_records(files, config.record_format_of(name), allow_empty)
+    for name, found in sources.items():
         summary = summaries[name]
-        summary.files += len(files)
+        for skipped in found.skipped:
+            summary.not_read.append(str(skipped))
+            if skipped.warn:
+                warnings.append(f"task {name!r}: not read: {skipped}")
+        task_records = read_task(
+            name, found.sources, config.record_format_of(name), allow_empty, _cache_dir(config), config.tokenize_num_proc
+        )
+        summary.files += len(found.sources)
+        summary.sources += [s.label for s in found.sources]
         summary.records += len(task_records.records)
         summary.empty_answers += task_records.empty_answers
-        summary.empty_answer_examples += task_records.empty_answer_examples()
-        summary.skipped_invalid += len(task_records.errors)
+        summary.empty_answer_examples += task_records.empty_answer_examples
+        summary.skipped_invalid += task_records.error_count
         for reason, count in task_records.skipped_by_problem.items():
             summary.skipped_reasons[reason] = summary.skipped_reasons.get(reason, 0) + count
         errors += task_records.errors
-        records[name] = task_records.records
+        error_count += task_records.error_count
+        records[name] = task_records
     if errors and not config.skip_invalid_records:
-        raise DataValidationError(errors)
+        raise DataValidationError(errors, total=error_count)
     for error in errors:
         logger.debug("skipped invalid record %s", error)
     return records
@@ -251,8 +273,8 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
     )
 
     config.check_task_names(list(tasks.names))
-    train_records = _read_tasks(train_sources, summaries, config)
-    valid_records = _read_tasks(valid_sources, summaries, config)
+    train_records = _read_tasks(train_sources, summaries, config, summary.warnings)
+    valid_records = _read_tasks(valid_sources, summaries, config, summary.warnings)
     for task in summary.tasks:
         if task.empty_answers:
             summary.warnings.append(
@@ -264,9 +286,9 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
     train_parts, valid_parts = [], []
     for task_id, name in enumerate(tasks.names):
         task_summary = summaries[name]
-        if not train_records[name]:
+        if not len(train_records[name].records):
             raise ValueError(
-                f"task {name!r} has no valid record (files: {[str(f) for f in train_sources[name]]}, "
+                f"task {name!r} has no valid record (sources: {[s.label for s in train_sources[name].sources]}, "
                 f"{task_summary.skipped_invalid} invalid record(s) skipped)"
             )
         train = _count_and_keep(

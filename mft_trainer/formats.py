@@ -25,6 +25,7 @@ Keys of no format (`id`, `source`, ...) are ignored.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
@@ -104,6 +105,18 @@ def _unknown_format(record: Mapping[str, Any], expected: str) -> InvalidRecord:
     if "chosen" in record or "rejected" in record:
         hint = " (chosen/rejected is preference data, for DPO-style training, not supervised fine-tuning)"
     return InvalidRecord(Problem.UNKNOWN_FORMAT, f"no known format: expected {expected}; found keys {sorted(record)}{hint}")
+
+
+def decode_json(raw: str) -> Any:
+    """One record's JSON text, decoded.
+
+    Raises:
+        InvalidRecord: malformed JSON, with the column.
+    """
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidRecord(Problem.MALFORMED_JSON, f"malformed JSON: {e.msg} at column {e.colno}") from None
 
 
 def detect_format(record: Mapping[str, Any]) -> InputFormat:

@@ -35,8 +35,8 @@ from typing import Any, TextIO
 import torch
 
 from .paths import check_local_path
-from .formats import prompt_messages
-from .reading import iter_jsonl_lines
+from .formats import decode_json, prompt_messages
+from .sources import SourceKind, iter_json_texts
 from .records import InvalidRecord, Problem, RecordError
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 from .prompt_format import ChatTemplateMode, build_inference_prompt, get_prompt_format
@@ -478,10 +478,11 @@ def read_batch_requests(
     """
     prompt_format = resolve_prompt_format(tokenizer, chat_template, role_markers, eos_token)
     requests, errors = [], []
-    for line, decoded in iter_jsonl_lines(Path(path)):
+    for line, raw, problem in iter_json_texts(path, SourceKind.JSONL):
         try:
-            if isinstance(decoded, InvalidRecord):
-                raise decoded
+            if problem is not None:
+                raise InvalidRecord(Problem.MALFORMED_JSON, problem)
+            decoded = decode_json(raw)
             prompt = build_inference_prompt(record_messages(decoded), tokenizer, chat_template=prompt_format)
             if output_key in decoded:
                 raise InvalidRecord(

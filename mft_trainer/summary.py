@@ -11,12 +11,15 @@ from typing import Any
 class TaskSummary:
     """Counts for one task (train and explicit validation files together).
 
-    `records` are the valid records read; `samples` those kept after the over-length policy, split
+    `records` are the valid records read from `sources` (`not_read`: what the task's directories hold
+    and was not read, with the reason); `samples` those kept after the over-length policy, split
     into `train_samples` + `valid_samples`. `tokens` and `trained_tokens` count the kept samples.
     """
 
     name: str
-    files: int = 0
+    files: int = 0  # sources read
+    sources: list[str] = field(default_factory=list)  # what was read: files, saved datasets, datasets specs
+    not_read: list[str] = field(default_factory=list)  # what was found in its directories and not read, and why
     records: int = 0
     skipped_invalid: int = 0
     skipped_reasons: dict[str, int] = field(default_factory=dict)
@@ -70,6 +73,12 @@ class PackingSummary:
         return text
 
 
+def _listing(items: list[str], limit: int = 5) -> str:
+    """The first `limit` items, and how many more there are."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 # (header, attribute) of the printed table, in order.
 _COLUMNS = (
     ("task", "name"),
@@ -105,13 +114,13 @@ class DatasetSummary:
 
     @property
     def total(self) -> TaskSummary:
+        """The counts of all tasks added up (the lists of sources and examples stay per task)."""
         total = TaskSummary(name="total")
         for task in self.tasks:
+            for reason, count in task.skipped_reasons.items():
+                total.skipped_reasons[reason] = total.skipped_reasons.get(reason, 0) + count
             for f in fields(TaskSummary):
-                if f.name == "skipped_reasons":
-                    for reason, count in task.skipped_reasons.items():
-                        total.skipped_reasons[reason] = total.skipped_reasons.get(reason, 0) + count
-                elif f.name != "name":
+                if isinstance(getattr(task, f.name), int):
                     setattr(total, f.name, getattr(total, f.name) + getattr(task, f.name))
         return total
 
@@ -154,6 +163,10 @@ class DatasetSummary:
             if task.skipped_reasons:
                 reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(task.skipped_reasons.items()))
                 out.append(f"skipped in {task.name}: {reasons}")
+        for task in self.tasks:
+            out.append(f"{task.name}: read {len(task.sources)} source(s): {_listing(task.sources)}")
+            if task.not_read:
+                out.append(f"  not read: {_listing(task.not_read)}")
         if self.padding_mode != "padding":
             out.append(f"padding_mode {self.padding_mode}" + (":" if self.packing else " (rows made per batch)"))
             out += [f"  {p}" for p in self.packing]

@@ -152,13 +152,14 @@ def test_tokenization_is_cached_and_parallel_gives_the_same(tmp_path, tokenizer,
     cache = tmp_path / "cache"
     first = build_mft_dataset(config(example_task_dirs, dataset_cache_dir=str(cache)), tokenizer)
     cache_files = sorted(p.name for p in cache.glob("*.arrow"))
-    assert len(cache_files) == 4
+    assert len(cache_files) == 8  # per task: its validated records (records-*) and its tokenized samples
+    assert sum(name.startswith("records-") for name in cache_files) == 4
     second = build_mft_dataset(config(example_task_dirs, dataset_cache_dir=str(cache)), tokenizer)
     assert sorted(p.name for p in cache.glob("*.arrow")) == cache_files  # reused, not rebuilt
     assert second.train.to_list() == first.train.to_list()
-    # A different render setting is a different cache entry.
+    # A different render setting is a different tokenization of the same validated records.
     build_mft_dataset(config(example_task_dirs, dataset_cache_dir=str(cache), seq_length=1024), tokenizer)
-    assert len(list(cache.glob("*.arrow"))) == 8
+    assert len(list(cache.glob("*.arrow"))) == 12 and len(list(cache.glob("records-*.arrow"))) == 4
     parallel = build_mft_dataset(config(example_task_dirs, tokenize_num_proc=2), tokenizer)
     assert parallel.train.to_list() == first.train.to_list()
 
