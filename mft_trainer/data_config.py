@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any, Optional, Union
 
 from .formats import InputFormat
+from .mixture import SamplingRule, parse_max_samples
 from .prompt_format import check_chat_template_setting
 from .rendering import RoleMarkers
 from .splitting import parse_data_split
@@ -76,6 +77,7 @@ class DataConfig:
         where: data_paths, valid_data_paths
         records: record_format, empty_answers, skip_invalid_records
         samples: seq_length, overlength_policy, chat_template, role_markers, eos_token
+        mixture: task_sampling, max_samples
         batches: padding_mode
         split: data_split, split_seed
         processing: tokenize_num_proc, dataset_cache_dir
@@ -115,6 +117,24 @@ class DataConfig:
             "help": "Samples longer than seq_length: 'drop' them or 'truncate' them to seq_length (a truncated "
             "sample with no trained token left is dropped). Both are counted per task in the summary. Not used "
             "by padding_mode 'concat', which splits long documents across rows."
+        },
+    )
+    task_sampling: Union[str, dict] = field(
+        default="proportional",
+        metadata={
+            "help": "The task mixture of each training epoch, of as many samples as the tasks have: 'proportional' "
+            "(every sample once), 'uniform' (every task the same number), {temperature: T} (task i's share "
+            "proportional to n_i^(1/T)), or {weights: {task_name: weight}} (tasks not named weigh 1). Tasks are up- or "
+            "down-sampled by a seeded plan (split_seed) made before packing; an up-sampled task repeats a sample only "
+            "after all were used. Validation data is not resampled. See docs/data_format.md."
+        },
+    )
+    max_samples: Optional[Union[int, dict]] = field(
+        default=None,
+        metadata={
+            "help": "Use at most this many records of each task (an integer for all tasks, or {task_name: n}): a "
+            "subset of its valid records chosen with split_seed, before tokenization and the split. Not applied to "
+            "valid_data_paths."
         },
     )
     padding_mode: str = field(
@@ -210,6 +230,8 @@ class DataConfig:
         self.padding_mode = PaddingMode.parse(self.padding_mode).value
         self.empty_answers = _enum_value(EmptyAnswers, self.empty_answers, "empty_answers")
         self._check_record_format()
+        SamplingRule.parse(self.task_sampling)  # validate early, with the same message as later
+        self.max_samples = parse_max_samples(self.max_samples)
         if self.tokenize_num_proc is not None and self.tokenize_num_proc < 1:
             raise ValueError(f"tokenize_num_proc must be >= 1, got {self.tokenize_num_proc!r}")
 
@@ -236,12 +258,19 @@ class DataConfig:
         """Settings by task name must name tasks that exist.
 
         Raises:
-            ValueError: record_format names a task that data_paths does not have.
+            ValueError: record_format, max_samples or task_sampling weights name a task that data_paths
+                does not have.
         """
-        if isinstance(self.record_format, dict):
-            unknown = sorted(set(self.record_format) - set(names))
+        for setting, value in (("record_format", self.record_format), ("max_samples", self.max_samples)):
+            unknown = sorted(set(value) - set(names)) if isinstance(value, dict) else []
             if unknown:
-                raise ValueError(f"record_format names unknown task(s) {unknown}; the tasks are {names}")
+                raise ValueError(f"{setting} names unknown task(s) {unknown}; the tasks are {names}")
+        self.sampling_rule.check_tasks(names)
+
+    @property
+    def sampling_rule(self) -> SamplingRule:
+        """`task_sampling`, parsed."""
+        return SamplingRule.parse(self.task_sampling)
 
     def check_paths(self) -> None:
         """Check that every task path exists and holds data, as `build_mft_dataset` will need, so that

@@ -33,6 +33,7 @@ from .cache import cache_file_for, safe_file_name
 from .collator import DataCollatorForMFT
 from .constants import IGNORE_INDEX
 from .data_config import DataConfig, EmptyAnswers, OverlengthPolicy, PaddingMode
+from .mixture import epoch_indices, identity_plan, max_samples_of, samples_per_epoch, subset_indices
 from .packing import concat_dataset, pack_dataset
 from .reading import TaskRecords, read_task
 from .records import DataValidationError, Record, RecordError
@@ -185,7 +186,46 @@ def _count_and_keep(tokenized: Dataset, summary: TaskSummary) -> Dataset:
     summary.samples += int(kept.sum())
     summary.tokens += int(table.column("num_tokens").to_numpy()[kept].sum())
     summary.trained_tokens += int(table.column("num_trained_tokens").to_numpy()[kept].sum())
-    return tokenized.select_columns(list(SAMPLE_COLUMNS))
+    # The trained-token counts stay until the epoch plan has counted them (_plan_epoch).
+    return tokenized.select_columns([*SAMPLE_COLUMNS, "num_trained_tokens"])
+
+
+def _cap_records(records: TaskRecords, name: str, config: DataConfig, summary: TaskSummary) -> None:
+    """Keep a seeded subset of at most max_samples of a task's valid records (before tokenization)."""
+    cap = max_samples_of(config.max_samples, name)
+    if cap is not None and len(records.records) > cap:
+        summary.over_max_samples += len(records.records) - cap
+        records.records = records.records.select(subset_indices(len(records.records), cap, config.split_seed, name))
+
+
+def _plan_epoch(parts: list[Dataset], names: tuple[str, ...], config: DataConfig, summary: DatasetSummary) -> list[Dataset]:
+    """Each task's training samples of one epoch of the task mixture (mft_trainer.mixture), and the
+    mixture's counts in the summary."""
+    rule = config.sampling_rule
+    sizes = [len(part) for part in parts]
+    counts = samples_per_epoch(rule, names, sizes)
+    shares = rule.shares(names, sizes)
+    planned = []
+    for name, part, count, share in zip(names, parts, counts, shares):
+        trained = np.asarray(part.with_format("numpy")["num_trained_tokens"], dtype=np.int64)  # [n]
+        task = summary.task(name)
+        task.samples_per_epoch = count
+        if identity_plan(len(part), count):
+            task.epoch_trained_tokens = int(trained.sum())
+            planned.append(part)
+            continue
+        indices = epoch_indices(len(part), count, config.split_seed, name)
+        task.epoch_trained_tokens = int(trained[indices].sum())
+        planned.append(part.select(indices))
+        if count == 0 and share > 0:
+            summary.warnings.append(
+                f"task {name!r} has no training sample in an epoch of task_sampling {rule}: its share rounds to 0 of "
+                f"{sum(counts)} samples; raise its weight"
+            )
+    total = sum(summary.task(name).epoch_trained_tokens for name in names)
+    for name in names:
+        summary.task(name).trained_token_share = summary.task(name).epoch_trained_tokens / total if total else 0.0
+    return planned
 
 
 def _no_sample_left_message(name: str, summary: TaskSummary, config: DataConfig) -> str:
@@ -291,6 +331,7 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
                 f"task {name!r} has no valid record (sources: {[s.label for s in train_sources[name].sources]}, "
                 f"{task_summary.skipped_invalid} invalid record(s) skipped)"
             )
+        _cap_records(train_records[name], name, config, task_summary)
         train = _count_and_keep(
             _tokenize_task(name, train_records[name], task_id, tokenizer, config, prompt_format), task_summary
         )
@@ -318,8 +359,9 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
         if len(valid):
             valid_parts.append(valid)
 
-    train = concatenate_datasets(train_parts)
-    valid = concatenate_datasets(valid_parts) if valid_parts else None
+    summary.task_sampling = str(config.sampling_rule)
+    train = concatenate_datasets(_plan_epoch(train_parts, tasks.names, config, summary)).select_columns(list(SAMPLE_COLUMNS))
+    valid = concatenate_datasets(valid_parts).select_columns(list(SAMPLE_COLUMNS)) if valid_parts else None
     summary.padding_mode = config.padding_mode
     if config.padding_mode in (PaddingMode.PACK.value, PaddingMode.CONCAT.value):
         # Once, after the split, so that validation samples never share a row with training ones.
