@@ -207,7 +207,9 @@ def _plan_epoch(parts: list[Dataset], names: tuple[str, ...], config: DataConfig
     shares = rule.shares(names, sizes)
     planned = []
     for name, part, count, share in zip(names, parts, counts, shares):
-        trained = np.asarray(part.with_format("numpy")["num_trained_tokens"], dtype=np.int64)  # [n]
+        # Through Arrow: the numpy format converts row by row (8 s for 40k rows).
+        trained = part.select_columns(["num_trained_tokens"]).with_format("arrow")[:]["num_trained_tokens"]
+        trained = trained.to_numpy().astype(np.int64)  # [n]
         task = summary.task(name)
         task.samples_per_epoch = count
         if identity_plan(len(part), count):
