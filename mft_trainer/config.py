@@ -109,6 +109,22 @@ class MFTConfig(TrainingArguments):
             "152k vocabulary)."
         },
     )
+    generation_eval_files: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Generation-based evaluation (mft_trainer/generation_eval.py): {task: jsonl of held-out records}; "
+            "the model answers each record's prompt greedily, prompted as in training, and eval_gen/<task>/pass@1 "
+            "(records with HumanEval test and entry_point fields, each run in its own process) or "
+            "eval_gen/<task>/exact_match and /contains are logged; the answers go to output_dir/eval_gen/."
+        },
+    )
+    generation_eval_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Generation-based evaluation every this many steps (default: only at the end of training)."},
+    )
+    generation_eval_max_new_tokens: int = field(
+        default=256, metadata={"help": "Generation-based evaluation: most tokens per answer."}
+    )
     early_stopping_patience: Optional[int] = field(
         default=None,
         metadata={
@@ -156,6 +172,13 @@ class MFTConfig(TrainingArguments):
             raise ValueError(f"loss_chunk_size must be an integer >= 0 (0 = automatic), got {self.loss_chunk_size!r}")
         mode = LossMode.parse(self.weighted_loss_mode)
         self.weighted_loss_mode = mode.value
+        if self.generation_eval_files is not None and not isinstance(self.generation_eval_files, dict):
+            raise ValueError(
+                "generation_eval_files must be a mapping task -> jsonl path, e.g. {code_completion: "
+                f"data/humaneval_valid.jsonl}}, got {self.generation_eval_files!r}"
+            )
+        if self.generation_eval_steps is not None and self.generation_eval_steps < 1:
+            raise ValueError(f"generation_eval_steps must be >= 1, got {self.generation_eval_steps!r}")
         validate_coba_settings(
             self.coba_warmup_steps,
             self.coba_history_length,

@@ -17,7 +17,6 @@ position_ids, and the summary reports how full the rows are.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -37,6 +37,7 @@ import torch
 from .paths import check_local_path
 from .formats import decode_json, prompt_messages
 from .sources import SourceKind, iter_json_texts
+from .run_artifacts import read_run_config
 from .records import InvalidRecord, Problem, RecordError
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 from .prompt_format import ChatTemplateMode, build_inference_prompt, get_prompt_format
@@ -182,14 +183,8 @@ def saved_prompt_format(
     "the tokenizer's chat template"
     """
     from .chat_template import is_mft_chat_template
-    from .recipe import RUN_CONFIG_FILE
 
-    settings: dict[str, Any] = {}
-    run_config = Path(model_dir) / RUN_CONFIG_FILE
-    if run_config.is_file():
-        import yaml
-
-        settings = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("data", {}) or {}
+    settings = read_run_config(model_dir).get("data") or {}
     mode = chat_template or settings.get("chat_template")
     if mode is None and is_adapter_dir(model_dir) and not _has_tokenizer(model_dir):
         mode = ChatTemplateMode.MFTCODER.value
@@ -554,6 +549,7 @@ def run_interactive(
     out: TextIO,
     show_prompt: TextIO | None = None,
     prompt_prefix: str = "",
+    echo: bool = False,
 ) -> None:
     """Chat line by line: each input line is a user turn, answered with the history so far.
 
@@ -564,6 +560,8 @@ def run_interactive(
         show_prompt: if given, each full prompt text is written there (as a JSON string) first,
             to see exactly what the model is given.
         prompt_prefix: written to `out` before each input line is read (e.g. "user> " on a terminal).
+        echo: write each question (`user> ...`) and answer (`model> ...`) as a transcript, for input
+            that is not typed at a terminal.
     """
     out.write(prompt_prefix)
     out.flush()
@@ -581,8 +579,10 @@ def run_interactive(
             if show_prompt is not None:
                 show_prompt.write(f"prompt: {json.dumps(session.prompt(line).text)}\n")
                 show_prompt.flush()
+            if echo:
+                out.write(f"user> {line}\n")
             generation = session.ask(line)
             cut = "" if generation.stopped_at_eos else " [cut short: max_new_tokens reached]"
-            out.write(f"{generation.text}{cut}\n\n")
+            out.write(f"{'model> ' if echo else ''}{generation.text}{cut}\n\n")
         out.write(prompt_prefix)
         out.flush()

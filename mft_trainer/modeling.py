@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional, Union
@@ -60,6 +61,15 @@ class ModelConfig:
             "padding_mode (docs/packing.md)."
         },
     )
+    model_config_overrides: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Model config fields to set before the model is built, e.g. {rope_scaling: {rope_type: yarn, "
+            "factor: 4.0}, attention_dropout: 0.1, router_aux_loss_coef: 0.02}. Mixture-of-experts models return "
+            "their router logits in training unless this sets output_router_logits: false, so that the router's "
+            "load-balancing loss is added."
+        },
+    )
     random_init: bool = field(
         default=False,
         metadata={
@@ -83,6 +93,32 @@ class ModelConfig:
         default=None,
         metadata={"help": "Modules that get LoRA adapters; default all linear layers except the LM head."},
     )
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA: LoRA with a trained magnitude per output (weight-decomposed)."}
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rsLoRA: scale the adapters by alpha / sqrt(r) instead of alpha / r."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules trained in full beside the adapters and saved with them, e.g. [lm_head, embed_tokens]."
+        },
+    )
+    freeze_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Full fine-tuning: keep the input embeddings (and a tied output layer) frozen."},
+    )
+    freeze_first_layers: int = field(
+        default=0, metadata={"help": "Full fine-tuning: keep the first N transformer layers frozen."}
+    )
+    freeze_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning: keep frozen every parameter whose name matches one of these regular "
+            "expressions (re.search), e.g. ['self_attn', 'layers\\.(0|1)\\.']."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
@@ -101,6 +137,27 @@ class ModelConfig:
             raise ValueError(f"quantization={self.quantization!r} needs peft_type qlora (peft_type is {self.peft_type})")
         if self.lora_rank <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("lora_rank and lora_alpha must be > 0 and lora_dropout in [0, 1)")
+        if self.model_config_overrides is not None and not isinstance(self.model_config_overrides, dict):
+            raise ValueError(
+                f"model_config_overrides must be a mapping of config fields, e.g. {{attention_dropout: 0.1}}, "
+                f"got {self.model_config_overrides!r}"
+            )
+        lora_only = [n for n in ("use_dora", "use_rslora", "modules_to_save") if getattr(self, n)]
+        if lora_only and self.peft_type == PeftType.NONE.value:
+            raise ValueError(f"{', '.join(lora_only)} apply to peft_type lora or qlora (peft_type is none)")
+        freezing = [n for n in ("freeze_embeddings", "freeze_first_layers", "freeze_modules") if getattr(self, n)]
+        if freezing and self.peft_type != PeftType.NONE.value:
+            raise ValueError(
+                f"{', '.join(freezing)} apply to full fine-tuning (peft_type none); with {self.peft_type} the base "
+                "model is frozen already and only the adapters (and modules_to_save) train"
+            )
+        if not isinstance(self.freeze_first_layers, int) or self.freeze_first_layers < 0:
+            raise ValueError(f"freeze_first_layers must be an integer >= 0, got {self.freeze_first_layers!r}")
+        for pattern in self.freeze_modules or []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"freeze_modules: {pattern!r} is not a regular expression ({e})") from None
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
@@ -191,20 +248,22 @@ def load_model(config: ModelConfig, gradient_checkpointing: bool = False, vocab_
         kwargs["attn_implementation"] = config.attn_implementation
     if config.peft_type == PeftType.QLORA.value:
         kwargs["quantization_config"] = _quantization_config(config, dtype)
+    model_config = build_model_config(config)
     if config.random_init:
-        from transformers import AutoConfig
-
         if "quantization_config" in kwargs:
             raise ValueError("random_init builds an unquantized model; it cannot be combined with peft_type qlora")
-        model_config = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
         model = AutoModelForCausalLM.from_config(model_config, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, config=model_config, **kwargs)
 
-    if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
-        logger.info("resizing the embeddings from %d to %d tokens", model.get_input_embeddings().num_embeddings, vocab_size)
+    new_tokens: list[int] = []
+    old_size = model.get_input_embeddings().num_embeddings
+    if vocab_size is not None and vocab_size > old_size:
+        logger.info("resizing the embeddings from %d to %d tokens", old_size, vocab_size)
         model.resize_token_embeddings(vocab_size)
+        new_tokens = list(range(old_size, vocab_size))
     if config.peft_type == PeftType.NONE.value:
+        freeze_parameters(model, config)
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -224,8 +283,97 @@ def load_model(config: ModelConfig, gradient_checkpointing: bool = False, vocab_
         # PEFT's "all-linear": every linear layer except the output layer (and, on MoE models, the experts).
         target_modules=config.target_modules or "all-linear",
         task_type="CAUSAL_LM",
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        modules_to_save=config.modules_to_save,
+        **new_token_training(model, new_tokens, config.modules_to_save),
     )
     return get_peft_model(model, lora)
+
+
+def build_model_config(config: ModelConfig) -> Any:
+    """The model's config with `model_config_overrides` applied; mixture-of-experts configs return
+    their router logits (so that the load-balancing loss is added in training) unless overridden.
+
+    Raises:
+        ValueError: an override that is not a field of this model's config.
+    """
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    overrides = dict(config.model_config_overrides or {})
+    known = set(model_config.to_dict()) | set(dir(model_config))
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        import difflib
+
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        listed = ", ".join(f"{k}" + (f" (did you mean {hints[k][0]}?)" if hints[k] else "") for k in unknown)
+        raise ValueError(f"model_config_overrides: {type(model_config).__name__} has no field {listed}")
+    for key, value in overrides.items():
+        setattr(model_config, key, value)
+    if hasattr(model_config, "output_router_logits") and "output_router_logits" not in overrides:
+        if not model_config.output_router_logits:
+            logger.info("mixture of experts: output_router_logits on, so that the router's load-balancing loss "
+                        "(router_aux_loss_coef %s) is added in training", getattr(model_config, "router_aux_loss_coef", None))
+        model_config.output_router_logits = True
+    return model_config
+
+
+def new_token_training(model: Any, new_tokens: list[int], modules_to_save: list[str] | None) -> dict[str, Any]:
+    """LoraConfig arguments that train the embedding rows of tokens added to the vocabulary (custom role
+    markers, say): LoRA alone would leave them at their random initialisation. PEFT's trainable token
+    indices train those rows only; with untied embeddings the output layer's rows too."""
+    if not new_tokens:
+        return {}
+    saved = set(modules_to_save or [])
+    embedding_name = _module_name(model, model.get_input_embeddings())
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    if embedding_name.split(".")[-1] in saved:
+        return {}  # the whole embedding trains already
+    indices = {embedding_name.split(".")[-1]: new_tokens}
+    if output is not None and not tied and _module_name(model, output).split(".")[-1] not in saved:
+        indices[_module_name(model, output).split(".")[-1]] = new_tokens
+    logger.info("%d tokens were added to the vocabulary: their rows of %s train beside the adapters",
+                len(new_tokens), " and ".join(indices))
+    return {"trainable_token_indices": indices}
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def freeze_parameters(model: torch.nn.Module, config: ModelConfig) -> int:
+    """Full fine-tuning: freeze the embeddings, the first N layers and parameters matching
+    `freeze_modules`, as configured; returns the number of frozen parameter tensors.
+
+    Raises:
+        ValueError: more layers to freeze than the model has, or a pattern that matches nothing.
+    """
+    frozen: set[str] = set()
+    names = dict(model.named_parameters())
+    if config.freeze_embeddings:
+        embedding = model.get_input_embeddings().weight
+        frozen |= {n for n, p in names.items() if p is embedding}
+    if config.freeze_first_layers:
+        layers = next((m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)), None)
+        if layers is None or config.freeze_first_layers > len(layers):
+            count = 0 if layers is None else len(layers)
+            raise ValueError(f"freeze_first_layers {config.freeze_first_layers}: the model has {count} layers")
+        for layer in list(layers)[: config.freeze_first_layers]:
+            frozen |= {n for n, p in names.items() if any(p is q for q in layer.parameters())}
+    for pattern in config.freeze_modules or []:
+        matched = {n for n in names if re.search(pattern, n)}
+        if not matched:
+            raise ValueError(f"freeze_modules: {pattern!r} matches no parameter (e.g. {next(iter(names))!r})")
+        frozen |= matched
+    for name in frozen:
+        names[name].requires_grad_(False)
+    if frozen:
+        logger.info("frozen: %d parameter tensors (%s parameters)", len(frozen),
+                    f"{sum(names[n].numel() for n in frozen):,}")
+    return len(frozen)
 
 
 def keep_4bit_weights_trainable(model: torch.nn.Module) -> int:

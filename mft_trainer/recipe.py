@@ -31,8 +31,6 @@ from .data_config import DataConfig
 from .modeling import ModelConfig, check_model_paths
 
 CONFIG_CLASSES: tuple[type, ...] = (ModelConfig, DataConfig, MFTConfig)
-# The resolved recipe that scripts/train.py saves beside the model; chat.py reads its prompt format.
-RUN_CONFIG_FILE = "run_config.yaml"
 
 
 class RecipeError(ValueError):
@@ -41,21 +39,45 @@ class RecipeError(ValueError):
 
 @dataclass
 class Recipe:
-    """The parsed configs of a run, and what the parser has to report."""
+    """The parsed configs of a run, and what the parser has to report. `stage` is `sft` (multi-task
+    fine-tuning: DataConfig and MFTConfig) or a preference stage, `dpo` / `orpo` (PreferenceDataConfig
+    and TRL's DPOConfig / ORPOConfig; mft_trainer/preference.py)."""
 
     model: ModelConfig
-    data: DataConfig
-    training: MFTConfig
+    data: Any
+    training: Any
     notes: list[str] = dataclasses.field(default_factory=list)  # e.g. the MFTCoder key mapping
+    stage: str = "sft"
+
+
+STAGES = ("sft", "dpo", "orpo")
+
+
+def config_classes(stage: str = "sft") -> tuple[type, type, type]:
+    """(model, data, training) config classes of a stage; the preference stages need TRL."""
+    if stage == "sft":
+        return CONFIG_CLASSES
+    if stage not in STAGES:
+        raise RecipeError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    from .preference import PreferenceDataConfig
+
+    try:
+        if stage == "dpo":
+            from trl import DPOConfig as training
+        else:
+            from trl.experimental.orpo import ORPOConfig as training
+    except ImportError:
+        raise RecipeError(f"stage {stage} needs TRL: pip install 'trl>=1.16'") from None
+    return ModelConfig, PreferenceDataConfig, training
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
-def _owner_of_keys() -> dict[str, type]:
+def _owner_of_keys(classes: Sequence[type] = CONFIG_CLASSES) -> dict[str, type]:
     owner: dict[str, type] = {}
-    for cls in CONFIG_CLASSES:
+    for cls in classes:
         for name in _fields(cls):
             owner.setdefault(name, cls)
     return owner
@@ -252,13 +274,14 @@ def load_recipe_file(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]
     return dict(values), []
 
 
-def build_recipe(values: Mapping[str, Any], notes: Sequence[str] = ()) -> Recipe:
-    """Split recipe values among the configs, coerce them, and build the configs.
+def build_recipe(values: Mapping[str, Any], notes: Sequence[str] = (), stage: str = "sft") -> Recipe:
+    """Split recipe values among the configs of `stage`, coerce them, and build the configs.
 
     Raises:
         RecipeError: unknown keys (with close matches) or values of the wrong type.
     """
-    owner = _owner_of_keys()
+    classes = config_classes(stage)
+    owner = _owner_of_keys(classes)
     unknown = [key for key in values if key not in owner]
     if unknown:
         hints = []
@@ -266,18 +289,16 @@ def build_recipe(values: Mapping[str, Any], notes: Sequence[str] = ()) -> Recipe
             close = difflib.get_close_matches(key, owner, n=3)
             hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise RecipeError(f"unknown recipe key(s): {', '.join(hints)}; `--help` lists every key")
-    per_class: dict[type, dict[str, Any]] = {cls: {} for cls in CONFIG_CLASSES}
+    per_class: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
     for key, value in values.items():
         cls = owner[key]
         annotation = typing.get_type_hints(cls).get(key, Any)
         per_class[cls][key] = coerce_value(key, value, annotation)
     try:
-        model = ModelConfig(**per_class[ModelConfig])
-        data = DataConfig(**per_class[DataConfig])
-        training = MFTConfig(**per_class[MFTConfig])
+        model, data, training = (cls(**per_class[cls]) for cls in classes)
     except (TypeError, ValueError) as e:
         raise RecipeError(str(e)) from e
-    return Recipe(model=model, data=data, training=training, notes=list(notes))
+    return Recipe(model=model, data=data, training=training, notes=list(notes), stage=stage)
 
 
 def parse_recipe(argv: Sequence[str]) -> Recipe:
@@ -289,20 +310,38 @@ def parse_recipe(argv: Sequence[str]) -> Recipe:
         values, notes = load_recipe_file(argv.pop(0))
     for key, value in parse_overrides(argv).items():
         values[key] = _parse_override_value(key, value)
-    return build_recipe(values, notes)
+    stage = str(values.pop("stage", "sft")).lower()
+    if stage != "sft" and "bf16" not in values and "fp16" not in values:
+        # TRL's configs turn bf16 on when neither is set, which stops a run on a machine without a
+        # bf16 GPU ("Your setup doesn't support bf16/gpu"); MFT's default, full precision, works everywhere.
+        values["bf16"] = _bf16_gpu()
+    return build_recipe(values, notes, stage)
+
+
+def _bf16_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def check_recipe_paths(recipe: Recipe) -> None:
     """Check, before anything loads, that the recipe's local paths exist: the model and tokenizer
-    (a path that looks local is never tried as a hub id, mft_trainer/paths.py) and every task source
-    (a data file, a directory holding some, or a `datasets` spec whose local path exists).
+    (a path that looks local is never tried as a hub id, mft_trainer/paths.py), every task source
+    (a data file, a directory holding some, or a `datasets` spec whose local path exists), and the
+    generation-eval files.
 
     Raises:
         RecipeError: the first path that does not exist or holds no data, named.
     """
     try:
         check_model_paths(recipe.model)
-        recipe.data.check_paths()
+        if recipe.stage == "sft":
+            recipe.data.check_paths()
+        else:
+            recipe.data.files()
+        for task, path in (getattr(recipe.training, "generation_eval_files", None) or {}).items():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"generation_eval_files[{task!r}]: {path!r} does not exist")
     except (FileNotFoundError, ValueError) as e:
         raise RecipeError(str(e)) from None
 

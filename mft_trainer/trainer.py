@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,6 +73,7 @@ from .losses import (
     task_loss_sums,
 )
 from .modeling import keep_4bit_weights_trainable
+from .run_artifacts import COBA_STATE_FILE, GENERATION_CONFIG_FILE, RUN_ARTIFACTS, write_run_config
 from .tasks import TaskRegistry
 
 # Dataset columns the collator needs; the Trainer would otherwise drop those the model's forward
@@ -80,7 +82,6 @@ DATASET_COLUMNS = ["input_ids", "labels", "task_id", "task_ids", "segment_ids", 
 # Batch keys that feed the loss and never reach the model's forward.
 LOSS_KEYS = ("labels", "task_ids", "segment_ids")
 # The CoBa balancer's state, saved beside the model in every checkpoint.
-COBA_STATE_FILE = "coba_state.json"
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class MFTTrainer(Trainer):
             `args.task_weights` are applied to it.
         data_collator: defaults to `DataCollatorForMFT` padding with the tokenizer's pad token (its
             EOS token when it has none).
+        run_config: the run's resolved settings (scripts/train.py passes its recipe), saved as
+            `run_config.yaml` with the model and every checkpoint (mft_trainer.run_artifacts).
         Everything else as `transformers.Trainer`.
 
     Metrics: training logs add `loss/<task>` (token-mean cross-entropy of each task over the logging
@@ -122,6 +125,7 @@ class MFTTrainer(Trainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         tasks: TaskRegistry | None = None,
+        run_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         if tasks is None:
@@ -153,6 +157,7 @@ class MFTTrainer(Trainer):
         if args.early_stopping_patience is not None:
             self.add_callback(EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold))
         self.tasks = tasks.with_weights(args.task_weights) if args.task_weights else tasks
+        self.run_config = run_config
         self.loss_mode = LossMode.parse(args.weighted_loss_mode)
         self._task_weights = torch.tensor(self.tasks.weights, dtype=torch.float32)
         self._step_normalizers: LossNormalizers | None = None
@@ -486,10 +491,11 @@ class MFTTrainer(Trainer):
         return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as the Trainer does, plus the task registry (`tasks.json`) beside the model, with
-        coba the balancer's state (`coba_state.json`), and for an adapter the model's generation config
-        (which says where generation stops). The Trainer saves every checkpoint through here, before
-        its `trainer_state.json`, so a complete checkpoint always has them.
+        """Save as the Trainer does, plus the run artefacts (mft_trainer.run_artifacts): the task
+        registry, the run config, the generation config of an adapter, and with coba the balancer's
+        state. The Trainer saves every checkpoint through here, before its `trainer_state.json`, so a
+        complete checkpoint always has them; with `push_to_hub` the push comes after them, so the Hub
+        copy has them too.
 
         Raises:
             CheckpointSaveError: the save failed; the message names the directory and says whether
@@ -498,15 +504,32 @@ class MFTTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         # Inside a checkpoint, _save_checkpoint reports the failure (as an incomplete checkpoint).
         with contextlib.nullcontext() if _internal_call else reporting_save_failures(output_dir, "model"):
-            super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call=True)  # True: no push before the artefacts exist
             if self.args.should_save:
-                self.tasks.save(output_dir)
-                generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
-                if generation_config is not None and not os.path.isfile(os.path.join(output_dir, "generation_config.json")):
-                    generation_config.save_pretrained(output_dir)  # PEFT saves the adapter only
-                if self.coba is not None:
-                    with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
-                        json.dump(self.coba.state_dict(), f)
+                self._save_run_artifacts(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_run_artifacts(self, output_dir: str) -> None:
+        self.tasks.save(output_dir)
+        if self.run_config is not None:
+            write_run_config(output_dir, self.run_config)
+        generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+        if generation_config is not None and not os.path.isfile(os.path.join(output_dir, GENERATION_CONFIG_FILE)):
+            generation_config.save_pretrained(output_dir)  # PEFT saves the adapter only
+        if self.coba is not None:
+            with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(self.coba.state_dict(), f)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The Trainer's push of a checkpoint (`hub_strategy`), which copies the checkpoint's model
+        files into output_dir and uploads that: the run artefacts are copied too."""
+        if self.args.should_save:
+            for name in RUN_ARTIFACTS:
+                source = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(source):
+                    shutil.copy(source, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The Trainer's checkpoint; a failed save says which checkpoint it left incomplete and why."""

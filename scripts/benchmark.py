@@ -7,6 +7,11 @@ out of memory or lacks a kernel is reported, not fatal). It reports real (non-pa
 second, the ratio to TRL's best row, MFU and peak GPU memory, plus data preparation time (ours vs
 TRL's) and CoBa's cost per step. docs/benchmarks.md says what each row's step holds.
 
+    # A real model on the CPU (any local causal LM: a checkpoint directory, a .gguf file, or a directory
+    # with only config.json for random weights of that shape); its own tokenizer unless --tokenizer:
+    python scripts/benchmark.py --model models/SmolLM2-135M-Instruct --data examples/data \
+        --seq_length 1024 --rows 2 --conversations 16 --pad_micro_batch 4 --steps 3 --warmup 1
+
     # CPU smoke run (tiny model, a few steps; about two minutes on 2 cores):
     python scripts/benchmark.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2 --cpu_threads 1 \\
         --out /tmp/bench/results.json --table /tmp/bench/table.md --plot /tmp/bench/bench.png
@@ -63,7 +68,8 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from datasets import Dataset, load_from_disk  # noqa: E402
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, TrainerCallback  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,6 +78,7 @@ from mft_trainer import DataCollatorForMFT, DataConfig, MFTConfig, MFTTrainer, T
 from mft_trainer import build_mft_dataset, install_chat_template  # noqa: E402
 from mft_trainer.packing import pack_dataset  # noqa: E402
 from mft_trainer.attention import TORCH_VARLEN  # noqa: E402  (importing it registers torch_varlen)
+from mft_trainer.gguf_conversion import converted_gguf_checkpoint, is_gguf_path  # noqa: E402
 
 # The chunked per-token loss (mft_trainer/chunked_loss.py) is selected by this MFTConfig field.
 HAS_LOSS_IMPLEMENTATION = "loss_implementation" in MFTConfig.__dataclass_fields__
@@ -397,14 +404,29 @@ def device_in_use() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(s: Settings, vocab_size: int, backend: str, device: torch.device) -> Qwen2ForCausalLM:
-    """The row's model: the shape of `s.model`, random weights from `s.seed`; bfloat16 on CUDA."""
+def has_weights(path: str) -> bool:
+    """True for a checkpoint directory with weights (not only a config.json)."""
+    return any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
+
+
+def build_model(s: Settings, vocab_size: int, backend: str, device: torch.device) -> Any:
+    """The row's model; bfloat16 on CUDA, float32 on a CPU. A shape name (MODEL_SHAPES) or a directory
+    with only config.json gives random weights from `s.seed`; a checkpoint directory its weights."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(s.seed)
+    if s.model not in MODEL_SHAPES:
+        if has_weights(s.model):
+            model = AutoModelForCausalLM.from_pretrained(s.model, dtype=dtype, device_map=device)
+        else:
+            with device:
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(s.model), dtype=dtype)
+        model.set_attn_implementation(backend)
+        return model
     shape = dict(MODEL_SHAPES[s.model])
     shape.setdefault("vocab_size", vocab_size)
-    torch.manual_seed(s.seed)
     with device:  # initialised on the device: a 1.5B model initialised on the CPU takes minutes
         model = Qwen2ForCausalLM(Qwen2Config(**shape))
-    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = model.to(dtype)
     model.set_attn_implementation(backend)
     return model
 
@@ -815,7 +837,7 @@ def plot(result: dict[str, Any], path: str) -> None:
         axes.text(value, y, label, va="center", fontsize=7)
     env = result.get("environment", {})
     axes.set_xlabel("real (non-padding) tokens per second")
-    axes.set_title(f"{result['settings']['model']} on {env.get('device', '?')}: gray = MFTCoder-style padding, "
+    axes.set_title(f"{Path(result['settings']['model']).name} on {env.get('device', '?')}: gray = MFTCoder-style padding, "
                    "blue = MFTTrainer, orange = TRL", fontsize=8)
     axes.tick_params(axis="y", labelsize=7)
     axes.set_xlim(0, max(values, default=1) * 1.35)
@@ -837,7 +859,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="directory of task directories (e.g. ../shared/data)")
     parser.add_argument("--tokenizer", help="tokenizer directory (e.g. ../shared/tokenizers/gpt2)")
-    parser.add_argument("--model", default="qwen2-0.5b", choices=sorted(MODEL_SHAPES))
+    parser.add_argument("--model",
+                        help=f"a random-weight shape ({', '.join(sorted(MODEL_SHAPES))}), or any local causal LM: a "
+                        "checkpoint directory, a .gguf file (converted once), or a directory with only config.json "
+                        "(random weights of that shape); default qwen2-0.5b, or tiny with --tiny")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke sizes: tiny model, seq_length 512, 2 rows, 8 conversations in micro-batches "
                              "of 4, 1 warmup + 2 timed steps (explicit flags still win)")
@@ -879,10 +904,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in (tiny if args.tiny else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.tiny:
-        args.model = "tiny"
+    if args.model is None:
+        args.model = "tiny" if args.tiny else "qwen2-0.5b"
+    if args.model not in MODEL_SHAPES and not args.from_results:
+        if not Path(args.model).exists():
+            parser.error(f"--model {args.model!r} is neither a shape ({', '.join(sorted(MODEL_SHAPES))}) nor a local path")
+        if is_gguf_path(args.model):
+            args.model = str(converted_gguf_checkpoint(args.model))
+        if args.tokenizer is None and has_weights(args.model):
+            args.tokenizer = args.model  # the model's own tokenizer
     if not args.from_results and not (args.data and args.tokenizer):
-        parser.error("--data and --tokenizer are required (unless --from_results)")
+        parser.error("--data and --tokenizer are required (unless --from_results, or --model is a checkpoint "
+                     "with its tokenizer)")
     return args
 
 

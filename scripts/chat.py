@@ -72,6 +72,8 @@ def main() -> int:
     parser.add_argument("--batch_size", type=int, default=8, help="records per generate call (batch mode)")
     parser.add_argument("--system", help="system prompt of the conversation (interactive mode)")
     parser.add_argument("--show_prompt", action="store_true", help="print each full prompt to stderr first")
+    parser.add_argument("--echo", action="store_true",
+                        help="interactive mode: print each question before its answer (user> / model>), a transcript")
     parser.add_argument("--chat_template", choices=("mftcoder", "model"),
                         help="the prompt format: mftcoder, or model (the saved tokenizer's own template); "
                         "default: the one the model was trained in")
@@ -133,7 +135,7 @@ def main() -> int:
     if interactive:
         print("Commands: " + ", ".join(CHAT_COMMANDS) + ". One question per line.", file=sys.stderr)
     run_interactive(session, sys.stdin, sys.stdout, show_prompt=sys.stderr if args.show_prompt else None,
-                    prompt_prefix="user> " if interactive else "")
+                    prompt_prefix="user> " if interactive else "", echo=args.echo and not interactive)
     return 0
 
 

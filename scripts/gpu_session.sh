@@ -12,9 +12,12 @@
 # Travels: the tracked tree (~7 MB) + .whl (~48 MB) + .device (~4 MB), under the 64 MiB limit.
 # all (~9 min: ~1 min of install, then the steps' limits, 505 s in all):
 #   loss_memory     70  loss-path memory at 16k tokens x 152k vocab, chunk sweep (issue 7)
-#   benchmark_0.5b 215  the benchmark on the Qwen2-0.5B shape, rows most important first: the targets'
+#   benchmark_0.5b 155  the benchmark on the Qwen2-0.5B shape, rows most important first: the targets'
 #                       rows (ours vs TRL vs MFTCoder-style padding, issue 7), then the chunked loss,
 #                       then the other attention backends (issue 4's layouts x backends table)
+#   benchmark_smollm2 60  the real-model rows (issue 17) on SmolLM2-135M's shape, random weights:
+#                       the real weights (538 MB, or the 93 MB GGUF) cannot travel in 64 MiB, nor can the
+#                       quality experiment (docs/experiments/mft_quality), which needs them
 #   benchmark_1.5b 100  our best row and TRL's on the 1.5B shape: the MFU target (issue 7)
 #   training        75  QLoRA on CUDA (bf16, 4-bit kernels) under DDP and FSDP2 (issue 5)
 #   packing_probes  45  per-backend leak probes between packed samples and loss comparison (issue 4)
@@ -54,9 +57,14 @@ export PYTHONPATH=/tmp/site:$PWD
 python -c "import torch, transformers, trl, datasets; print(torch.__version__, transformers.__version__, trl.__version__, datasets.__version__)" | tee "$OUT/versions.txt"
 data=(--data .device/data --tokenizer examples/tokenizers/gpt2)
 tiny=() memory_size=(--tokens 16384) model05=(--model qwen2-0.5b) model15=(--model qwen2-1.5b)
+smollm2=(--model examples/models/smollm2-135m --tokenizer examples/tokenizers/smollm2-135m-instruct --data .device/data)
+varlen=torch_varlen smollm2_budget=50
 if [ "${TINY:-0}" = 1 ]; then
   data=(--data examples/data --tokenizer examples/tokenizers/gpt2) tiny=(--tiny)
   memory_size=(--tokens 256 --vocab 2048 --hidden 64) model05=(--tiny) model15=(--tiny)
+  # a config-only directory as on the GPU, at the tiny model's size; sdpa (torch_varlen is CUDA's kernel)
+  smollm2=(--model examples/models/tiny-llama --tokenizer examples/tokenizers/gpt2 --data examples/data --tiny)
+  varlen=sdpa smollm2_budget=150  # a busy 2-core CPU needs longer than the GPU for the same rows
 fi
 
 # bitsandbytes initialises CUDA when transformers imports it, which stops the benchmark from forking
@@ -79,8 +87,12 @@ case "$part" in
     hide_bitsandbytes
     step loss_memory 70 python scripts/benchmark_loss_memory.py "${memory_size[@]}" --chunk_size 0,2048,4096 \
       --out "$OUT/loss_memory.json"
-    step benchmark_0.5b 215 python scripts/benchmark.py "${model05[@]}" "${data[@]}" --budget_s 205 --steps 6 \
+    step benchmark_0.5b 155 python scripts/benchmark.py "${model05[@]}" "${data[@]}" --budget_s 145 --steps 6 \
       --warmup 2 --workdir /tmp/bench --out "$OUT/benchmark_0.5b.json" --table "$OUT/benchmark_0.5b.md"
+    step benchmark_smollm2 "$((smollm2_budget + 10))" python scripts/benchmark.py "${smollm2[@]}" \
+      --budget_s "$smollm2_budget" --steps 6 --warmup 2 \
+      --only "mft pack $varlen,trl rows $varlen,mft padding sdpa plain,mft padding_free $varlen chunked" \
+      --skip coba --workdir /tmp/bench_smollm2 --out "$OUT/benchmark_smollm2.json" --table "$OUT/benchmark_smollm2.md"
     step benchmark_1.5b 100 python scripts/benchmark.py "${model15[@]}" "${data[@]}" --budget_s 90 --steps 6 \
       --warmup 2 --only "mft pack torch_varlen plain,trl rows torch_varlen" --skip coba --workdir /tmp/bench15 \
       --out "$OUT/benchmark_1.5b.json" --table "$OUT/benchmark_1.5b.md"

@@ -38,7 +38,7 @@ from mft_trainer.inference import (
 from mft_trainer.modeling import add_stop_token
 from mft_trainer.rendering import MFTCoderFormat
 from mft_trainer.paths import check_local_path
-from mft_trainer.recipe import RUN_CONFIG_FILE
+from mft_trainer.run_artifacts import RUN_CONFIG_FILE
 from mft_trainer.tasks import TASKS_FILE
 
 logger = logging.getLogger("merge_lora")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import datasets
 import transformers
-import yaml
 
 from mft_trainer import MFTTrainer, build_mft_dataset
 from mft_trainer.attention import default_attn_implementation  # also registers the torch_varlen backend
@@ -38,8 +37,10 @@ from mft_trainer.modeling import (
     resolve_model_path,
     trainable_parameters,
 )
+from mft_trainer.generation_eval import GenerationEvalCallback, read_generation_eval_sets
 from mft_trainer.prompt_format import ChatTemplateMode, template_source
-from mft_trainer.recipe import RUN_CONFIG_FILE, RecipeError, check_recipe_paths, help_text, parse_recipe
+from mft_trainer.run_artifacts import write_run_config
+from mft_trainer.recipe import RecipeError, check_recipe_paths, help_text, parse_recipe
 
 logger = logging.getLogger("mft_trainer.train")
 
@@ -96,6 +97,40 @@ def print_task_losses(trainer, tasks, metrics: dict, mode: str) -> None:
             print(f"  {name:<24} {after:>8.4f}")
 
 
+def train_preference(recipe, resume_from) -> int:
+    """The preference stage (`stage: dpo` / `orpo`): TRL's trainer in the run's prompt format."""
+    from mft_trainer.preference import build_preference_dataset, make_preference_trainer
+
+    model_config, data_config, args = recipe.model, recipe.data, recipe.training
+    with args.main_process_first(desc="converting the GGUF file"):
+        model_config = resolve_model_path(model_config)
+    tokenizer = load_tokenizer(model_config)
+    set_chat_template(tokenizer, data_config)
+    with args.main_process_first(desc="tokenizing the comparisons"):
+        data = build_preference_dataset(data_config, tokenizer)
+    logger.info("prompt format: %s; answers end with token %d", data.prompt_format.name,
+                data.prompt_format.end_of_turn_token_id)
+    model = load_model(model_config, gradient_checkpointing=args.gradient_checkpointing, vocab_size=len(tokenizer))
+    add_stop_token(model, data.prompt_format.end_of_turn_token_id)
+    trainer = make_preference_trainer(recipe.stage, model, args, data, tokenizer)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        # What chat.py and merge_lora.py read: the prompt format (and the stage) of this model.
+        if not (Path(args.output_dir) / "generation_config.json").is_file():
+            model.generation_config.save_pretrained(args.output_dir)
+        write_run_config(args.output_dir, {"stage": recipe.stage, "model": asdict(model_config),
+                                           "data": asdict(data_config), "training": args.to_dict()})
+    if data.valid is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     # --- config ---
     if not argv or "--help" in argv or "-h" in argv:
@@ -127,6 +162,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if recipe.stage != "sft":
+        return train_preference(recipe, resume_from)
+
     # --- data ---
     with args.main_process_first(desc="converting the GGUF file"):
         model_config = resolve_model_path(model_config)  # a .gguf file becomes its converted checkpoint
@@ -157,6 +195,13 @@ def main(argv: list[str]) -> int:
     )
 
     # --- trainer ---
+    # The resolved recipe, saved as run_config.yaml with the model and every checkpoint.
+    run_config = {
+        "model": asdict(model_config),
+        "data": asdict(data_config),
+        "training": args.to_dict(),
+        "dataset_summary": data.summary.to_dict(),
+    }
     trainer = MFTTrainer(
         model=model,
         args=args,
@@ -165,7 +210,13 @@ def main(argv: list[str]) -> int:
         eval_dataset=data.valid,
         processing_class=tokenizer,
         tasks=data.tasks,
+        run_config=run_config,
     )
+    if args.generation_eval_files:
+        trainer.add_callback(GenerationEvalCallback(
+            trainer, read_generation_eval_sets(args.generation_eval_files), every_n_steps=args.generation_eval_steps,
+            max_new_tokens=args.generation_eval_max_new_tokens, chat_template=data.prompt_format,
+        ))
 
     # --- train ---
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -174,16 +225,7 @@ def main(argv: list[str]) -> int:
     trainer.save_state()
 
     # --- save ---
-    trainer.save_model(args.output_dir)  # model or adapter, tokenizer, tasks.json
-    if trainer.is_world_process_zero():
-        resolved = {
-            "model": asdict(model_config),
-            "data": asdict(data_config),
-            "training": args.to_dict(),
-            "dataset_summary": data.summary.to_dict(),
-        }
-        with open(f"{args.output_dir}/{RUN_CONFIG_FILE}", "w") as f:
-            yaml.safe_dump(resolved, f, sort_keys=False)
+    trainer.save_model(args.output_dir)  # model or adapter, tokenizer, run artefacts (then a Hub push)
 
     # --- evaluate ---
     if data.valid is not None:

@@ -145,3 +145,29 @@ def test_table_chart_and_results_are_written(run):
     results = run["results"]
     assert results["environment"]["device_type"] == "cpu" and results["environment"]["trl"]
     assert results["settings"]["model"] == "tiny" and results["data"]["samples"] > 0
+
+
+def test_the_model_may_be_a_checkpoint_or_a_config_only_directory(tmp_path):
+    """`--model <path>`: a checkpoint's own weights, or random weights of a config.json's shape."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    from .helpers import tiny_llama
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # its dataclasses look their module up
+    spec.loader.exec_module(benchmark)
+    saved = tiny_llama(64)
+    saved.save_pretrained(tmp_path / "checkpoint")
+    saved.config.save_pretrained(tmp_path / "shape")
+    assert benchmark.has_weights(str(tmp_path / "checkpoint")) and not benchmark.has_weights(str(tmp_path / "shape"))
+    cpu = torch.device("cpu")
+    loaded = benchmark.build_model(SimpleNamespace(model=str(tmp_path / "checkpoint"), seed=0), 64, "sdpa", cpu)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()))
+    shaped = benchmark.build_model(SimpleNamespace(model=str(tmp_path / "shape"), seed=1), 64, "sdpa", cpu)
+    assert shaped.config.num_hidden_layers == saved.config.num_hidden_layers
+    assert not torch.equal(shaped.lm_head.weight, saved.lm_head.weight)
+    assert shaped.config._attn_implementation == "sdpa"

@@ -382,3 +382,16 @@ def test_template_mode_prompts_in_the_template_and_stops_at_its_end_of_turn(chat
     second = session.prompt("Again.")
     conversation = [*question, {"role": "assistant", "content": "def f():\n    pass"}, {"role": "user", "content": "Again."}]
     assert second.text == tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def test_echo_writes_a_transcript(loaded):
+    import io
+
+    from mft_trainer.inference import run_interactive
+
+    model, tokenizer = loaded
+    out = io.StringIO()
+    run_interactive(ChatSession(model, tokenizer, SHORT), ["first?\n", "second?\n"], out, echo=True)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "user> first?" and lines[1].startswith("model> ")
+    assert "user> second?" in lines

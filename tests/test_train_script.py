@@ -83,8 +83,11 @@ def model_template_lora_run(tmp_path_factory):
     """LoRA on the tiny random Llama, in the SmolLM2 tokenizer's own template (ChatML)."""
     tmp_path = tmp_path_factory.mktemp("model_template")
     out = tmp_path / "run"
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"chat_rounds": [{"role": "user", "content": "2+2?"}, {"role": "bot", "content": "4"}]}) + "\n")
     result = run_train(["examples/recipes/tiny.yaml", "--output_dir", str(out), "--tokenizer_name_or_path",
                         str(SMOLLM2_TOKENIZER), "--chat_template", "model", "--peft_type", "lora", "--lora_rank", "4",
+                        "--generation_eval_files", f"{{qa: {qa}}}", "--generation_eval_max_new_tokens", "4",
                         *QUICK], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
@@ -99,6 +102,10 @@ def test_model_template_run_keeps_the_template_and_stops_at_its_end_of_turn(mode
     assert AutoTokenizer.from_pretrained(out).chat_template == original  # kept as it was
     eos = GenerationConfig.from_pretrained(out).eos_token_id
     assert 2 in (eos if isinstance(eos, list) else [eos])
+    # generation_eval_files: answered at the end of training, in the same template, and logged
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any("eval_gen/qa/exact_match" in entry for entry in history)
+    assert (out / "eval_gen" / "step-2.jsonl").exists()
 
 
 def test_lora_on_a_random_base_saves_the_base_so_merge_and_chat_work(model_template_lora_run, tmp_path):

@@ -155,3 +155,49 @@ def test_a_healthy_run_reports_no_collapse(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mft_trainer"):
         make_trainer(tmp_path, max_steps=3, save_strategy="no", learning_rate=1e-3).train()
     assert "gradient is exactly 0" not in caplog.text and "collapsed" not in caplog.text
+
+
+class RecordingHub:
+    """Stands in for transformers' HfApi: records the files of every uploaded folder, as they are then."""
+
+    def __init__(self):
+        self.uploads: list[tuple[str, set[str]]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(repo_id=f"user/{repo_id}" if "/" not in repo_id else repo_id)
+
+    def upload_folder(self, folder_path, commit_message="", run_as_future=False, ignore_patterns=(), **kwargs):
+        import fnmatch
+        from concurrent.futures import Future
+        from pathlib import Path
+
+        files = {str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()}
+        files = {f for f in files if not any(fnmatch.fnmatch(f.split("/")[0], pattern) for pattern in ignore_patterns)}
+        self.uploads.append((commit_message, files))
+        job = Future()
+        job.set_result(None)
+        return job if run_as_future else None
+
+
+def test_hub_pushes_carry_every_run_artifact(tmp_path, monkeypatch):
+    """push_to_hub: the final push and every checkpoint push hold tasks.json, run_config.yaml and the
+    generation config beside the model (the Trainer pushed before MFTTrainer had written them)."""
+    import transformers.trainer
+
+    hub = RecordingHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    monkeypatch.setattr(MFTTrainer, "create_model_card", lambda self, **kwargs: None)
+    args = MFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, save_steps=1,
+                     push_to_hub=True, hub_model_id="user/run", hub_strategy="every_save", report_to=[],
+                     use_cpu=True, disable_tqdm=True, logging_steps=1)
+    trainer = MFTTrainer(model=tiny_llama(64), args=args, train_dataset=Dataset.from_list(make_samples()),
+                         data_collator=DataCollatorForMFT(pad_token_id=0), tasks=TaskRegistry.from_names(["a", "b", "c"]),
+                         run_config={"data": {"chat_template": "mftcoder"}})
+    trainer.train()
+    trainer.save_model()
+    assert len(hub.uploads) >= 3  # two checkpoints, then the final save
+    for message, files in hub.uploads:
+        assert {"tasks.json", "run_config.yaml", "generation_config.json", "model.safetensors"} <= files, message
+    assert hub.uploads[-1][0] == "Model save"
