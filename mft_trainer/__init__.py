@@ -11,11 +11,12 @@ from .chunked_loss import OutputHeadLoss, linear_cross_entropy
 from .coba import CoBaBalancer
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
-from .data_config import DataConfig, OverlengthPolicy, PaddingMode
+from .data_config import DataConfig, EmptyAnswers, OverlengthPolicy, PaddingMode
 from .dataset import MFTDataset, build_mft_dataset
 from .inference import ChatSession, Generation, GenerationOptions, generate_answers, load_model_and_tokenizer
 from .losses import LossMode
-from .records import DataValidationError, InvalidRecord, Problem, RecordError, parse_record
+from .formats import InputFormat, parse_record
+from .records import DataValidationError, InvalidRecord, Problem, RecordError
 from .prompt_format import ChatTemplateError, ChatTemplateMode, build_inference_prompt, get_prompt_format, render_conversation
 from .rendering import RoleMarkers
 from .segments import InferencePrompt, PromptFormat
@@ -39,10 +40,12 @@ __all__ = [
     "DataConfig",
     "DataValidationError",
     "DatasetSummary",
+    "EmptyAnswers",
     "Generation",
     "GenerationOptions",
     "IncompleteCheckpointError",
     "InferencePrompt",
+    "InputFormat",
     "InvalidRecord",
     "LossMode",
     "MFTConfig",

@@ -54,6 +54,11 @@ def remove_abandoned_temp_files(cache_dir: Path, older_than: float = ABANDONED_A
     return removed
 
 
+def safe_file_name(name: str) -> str:
+    """`name` (a task name) as part of a file name: anything but letters, digits, - _ . becomes _."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def cache_file_for(cache_dir: Path | None, name: str) -> str | None:
     """The path of the cache file `name` in `cache_dir`, ready for `datasets.map(cache_file_name=...)`
     (None when caching is off): the directory exists, abandoned temporary files are removed, and a

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -389,9 +390,23 @@ class CoBaBalancer:
         self._weights = torch.tensor(_from_json_list(state["weights"]), dtype=torch.float64)
 
 
+class CoBaValidSampling(str, Enum):
+    """How CoBa's validation draws pick rows (`coba_valid_sampling`)."""
+
+    PROPORTIONAL = "proportional"  # a walk through the whole set: tasks by their share of it (MFTCoder's)
+    UNIFORM = "uniform"  # the tasks in turn: every task the same number of rows in each draw (±1)
+
+
 class ValidationStream:
-    """Which validation rows each CoBa draw uses: an endless walk through the validation set,
-    reshuffled (seeded) at every pass, so that draws mix the tasks whatever the order of the set.
+    """Which validation rows each CoBa draw uses: an endless walk, reshuffled (seeded) at every pass,
+    so that draws mix the tasks whatever the order of the set.
+
+    The walk goes through the whole set (`proportional`, MFTCoder's: a task appears in a draw by its
+    share of the set, so a small task misses many draws and its loss slope is noisy), or, with
+    `row_tasks` (`uniform`), through the tasks in turn: position p of the walk is a row of task
+    `order_r[p % K]` (K tasks, a seeded order for each round r = p // K), that task's r-th row in a
+    walk of its own rows, reshuffled at each of its passes. Each draw then holds every task the same
+    number of times (±1), and a task's rows repeat only after all of them were drawn.
 
     Draw k is the global batch of positions ``[k * G, (k + 1) * G)`` of the walk, G = batch_size x
     num_ranks, and each rank takes its slice of `batch_size` rows. A draw depends only on k, the
@@ -401,25 +416,60 @@ class ValidationStream:
     >>> stream = ValidationStream(size=5, batch_size=2, num_ranks=1, rank=0, seed=0)
     >>> sorted(stream.draw(0) + stream.draw(1) + stream.draw(2)[:1])    # the first pass: every row once
     [0, 1, 2, 3, 4]
+    >>> uniform = ValidationStream(size=5, batch_size=2, row_tasks=[0, 0, 0, 0, 1])
+    >>> [sorted(uniform.row_tasks[i] for i in uniform.draw(k)) for k in range(3)]   # both tasks in every draw
+    [[0, 1], [0, 1], [0, 1]]
     """
 
-    def __init__(self, size: int, batch_size: int, num_ranks: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        num_ranks: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        row_tasks: Sequence[int] | None = None,
+    ):
         if size < 1:
             raise ValueError("the validation set is empty: CoBa needs validation samples")
         if batch_size < 1 or num_ranks < 1 or not 0 <= rank < num_ranks:
             raise ValueError(f"invalid batch_size {batch_size} / num_ranks {num_ranks} / rank {rank}")
+        if row_tasks is not None and len(row_tasks) != size:
+            raise ValueError(f"row_tasks has {len(row_tasks)} entries for {size} rows")
         self.size, self.batch_size, self.num_ranks, self.rank, self.seed = size, batch_size, num_ranks, rank, seed
-        self._cached_pass: tuple[int, np.ndarray] | None = None
+        self.row_tasks = None if row_tasks is None else [int(t) for t in row_tasks]
+        self._cached_pass: dict[Any, np.ndarray] = {}  # (task or None) -> (pass index, order)
+        if self.row_tasks is not None:
+            tasks = sorted(set(self.row_tasks))
+            self._task_rows = {t: [i for i, task in enumerate(self.row_tasks) if task == t] for t in tasks}
+            self._tasks = tasks
 
-    def _order(self, pass_index: int) -> np.ndarray:
-        if self._cached_pass is None or self._cached_pass[0] != pass_index:
-            self._cached_pass = (pass_index, np.random.default_rng([self.seed, pass_index]).permutation(self.size))
-        return self._cached_pass[1]
+    def _order(self, pass_index: int, task: int | None = None) -> np.ndarray:
+        """The seeded order of pass `pass_index` over the set (task None) or over one task's rows."""
+        cached = self._cached_pass.get(task)
+        if cached is None or cached[0] != pass_index:
+            if task is None:
+                order = np.random.default_rng([self.seed, pass_index]).permutation(self.size)
+            else:
+                order = np.random.default_rng([self.seed, 1, task, pass_index]).permutation(len(self._task_rows[task]))
+            cached = (pass_index, order)
+            self._cached_pass[task] = cached
+        return cached[1]
+
+    def _row_at(self, p: int) -> int:
+        """The row at position p of the walk."""
+        if self.row_tasks is None:
+            return int(self._order(p // self.size)[p % self.size])
+        rounds, slot = divmod(p, len(self._tasks))
+        order = np.random.default_rng([self.seed, 2, rounds]).permutation(len(self._tasks))
+        task = self._tasks[order[slot]]
+        rows = self._task_rows[task]
+        return rows[int(self._order(rounds // len(rows), task)[rounds % len(rows)])]
 
     def draw(self, k: int) -> list[int]:
         """This rank's rows of draw `k` (0-based): always `batch_size` rows."""
         first = (k * self.num_ranks + self.rank) * self.batch_size
-        return [int(self._order(p // self.size)[p % self.size]) for p in range(first, first + self.batch_size)]
+        return [self._row_at(p) for p in range(first, first + self.batch_size)]
 
     def full_pass(self) -> list[list[int]]:
         """This rank's batches for one pass over the whole set, in order. Every rank gets the same

@@ -11,7 +11,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from .coba import validate_coba_settings
+from .coba import CoBaValidSampling, validate_coba_settings
 from .losses import LossMode
 
 LOSS_IMPLEMENTATIONS = ("auto", "chunked", "plain")
@@ -41,6 +41,8 @@ class MFTConfig(TrainingArguments):
         coba_tau: temperature of the divergence factor.
         coba_update_interval: optimizer steps between validation samples (and weight updates).
         coba_sample_valid_num: validation batches per sample.
+        coba_valid_sampling: `proportional` (MFTCoder's: draws from the whole validation set, tasks by
+            their share of it) or `uniform` (every task the same number of rows in each draw).
     """
 
     weighted_loss_mode: str = field(
@@ -78,6 +80,15 @@ class MFTConfig(TrainingArguments):
         default=1,
         metadata={
             "help": "coba: validation batches (of per_device_eval_batch_size per rank) measured at each sample."
+        },
+    )
+    coba_valid_sampling: str = field(
+        default="proportional",
+        metadata={
+            "help": "coba: how validation draws pick rows: 'proportional' (MFTCoder's: from the whole validation set, "
+            "so each task appears by its share of it and a small task misses many draws) or 'uniform' (the tasks in "
+            "turn: each draw holds every task the same number of rows, and a task's rows repeat only after all were "
+            "drawn)."
         },
     )
 
@@ -175,6 +186,12 @@ class MFTConfig(TrainingArguments):
             self.coba_update_interval,
             self.coba_sample_valid_num,
         )
+        try:
+            self.coba_valid_sampling = CoBaValidSampling(self.coba_valid_sampling).value
+        except ValueError:
+            raise ValueError(
+                f"coba_valid_sampling must be one of {[m.value for m in CoBaValidSampling]}, got {self.coba_valid_sampling!r}"
+            ) from None
         if self.task_weights is not None:
             if not isinstance(self.task_weights, dict):
                 raise ValueError(f'task_weights must be a mapping task name -> weight, e.g. {{"code_qa": 2.0}}, got {self.task_weights!r}')

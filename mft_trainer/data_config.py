@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional, Union
 
+from .formats import InputFormat
+from .mixture import SamplingRule, parse_max_samples
 from .prompt_format import check_chat_template_setting
 from .rendering import RoleMarkers
 from .splitting import parse_data_split
@@ -21,6 +23,13 @@ class OverlengthPolicy(str, Enum):
 
     DROP = "drop"  # the sample is left out (and counted)
     TRUNCATE = "truncate"  # the sample is cut to seq_length; dropped (and counted) if no trained token is left
+
+
+class EmptyAnswers(str, Enum):
+    """What happens to an assistant turn with no content."""
+
+    TRAIN = "train"  # trained as an empty answer (MFTCoder: "\n" + EOS), counted and warned about
+    INVALID = "invalid"  # the record is invalid (an error, or skipped with skip_invalid_records)
 
 
 class PaddingMode(str, Enum):
@@ -52,13 +61,23 @@ class PaddingMode(str, Enum):
             ) from None
 
 
+def _enum_value(enum: type[Enum], value: Any, name: str) -> str:
+    """The value of setting `name` as a member of `enum`; the error lists the accepted values."""
+    try:
+        return enum(value).value
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[m.value for m in enum]}, got {value!r}") from None
+
+
 @dataclass
 class DataConfig:
     """Data fields of a run. Each field's `help` is what `--help` shows.
 
     Groups:
         where: data_paths, valid_data_paths
-        samples: seq_length, overlength_policy, chat_template, role_markers, eos_token, skip_invalid_records
+        records: record_format, empty_answers, skip_invalid_records
+        samples: seq_length, overlength_policy, chat_template, role_markers, eos_token
+        mixture: task_sampling, max_samples
         batches: padding_mode
         split: data_split, split_seed
         processing: tokenize_num_proc, dataset_cache_dir
@@ -67,9 +86,11 @@ class DataConfig:
     data_paths: Optional[Union[list[str], dict, str]] = field(
         default=None,
         metadata={
-            "help": "The tasks: a task directory of jsonl files (searched recursively) or a .jsonl file, a list of "
-            "them (the task name is the directory name, or the file name without .jsonl), or a mapping "
-            "{task_name: [paths]}."
+            "help": "The tasks: a task directory (searched recursively for .jsonl, .json, .parquet, .csv and .arrow "
+            "files, in any case, and save_to_disk directories), one such file, or a datasets spec {path: org/name or a "
+            "local directory, name, split, data_files, revision}; a list of them (the task name is the directory's "
+            "name, the file's without extension, or the spec path's last part), or a mapping {task_name: [sources]}. "
+            "See docs/data_format.md."
         },
     )
     valid_data_paths: Optional[Union[list[str], dict, str]] = field(
@@ -96,6 +117,24 @@ class DataConfig:
             "help": "Samples longer than seq_length: 'drop' them or 'truncate' them to seq_length (a truncated "
             "sample with no trained token left is dropped). Both are counted per task in the summary. Not used "
             "by padding_mode 'concat', which splits long documents across rows."
+        },
+    )
+    task_sampling: Union[str, dict] = field(
+        default="proportional",
+        metadata={
+            "help": "The task mixture of each training epoch, of as many samples as the tasks have: 'proportional' "
+            "(every sample once), 'uniform' (every task the same number), {temperature: T} (task i's share "
+            "proportional to n_i^(1/T)), or {weights: {task_name: weight}} (tasks not named weigh 1). Tasks are up- or "
+            "down-sampled by a seeded plan (split_seed) made before packing; an up-sampled task repeats a sample only "
+            "after all were used. Validation data is not resampled. See docs/data_format.md."
+        },
+    )
+    max_samples: Optional[Union[int, dict]] = field(
+        default=None,
+        metadata={
+            "help": "Use at most this many records of each task (an integer for all tasks, or {task_name: n}): a "
+            "subset of its valid records chosen with split_seed, before tokenization and the split. Not applied to "
+            "valid_data_paths."
         },
     )
     padding_mode: str = field(
@@ -133,21 +172,39 @@ class DataConfig:
             "the tokenizer's EOS token. In the template modes, assistant turns end with what the template writes."
         },
     )
+    record_format: Union[str, dict] = field(
+        default="auto",
+        metadata={
+            "help": "The format of the records: 'auto' (detected per record from its keys), or one of chat_rounds, "
+            "messages, sharegpt, prompt_completion, alpaca, single_turn, text for every task, or a mapping "
+            "{task_name: format} (tasks not named: auto). See docs/data_format.md."
+        },
+    )
+    empty_answers: str = field(
+        default="train",
+        metadata={
+            "help": "Assistant turns with no content: 'train' them as an empty answer, as MFTCoder does (its "
+            "\"\\n\" + EOS in the mftcoder format, the template's end of turn in the template modes), counted per task "
+            "in the summary with a warning; or 'invalid' (the record is invalid, see skip_invalid_records)."
+        },
+    )
     skip_invalid_records: bool = field(
         default=False,
         metadata={
-            "help": "Skip invalid jsonl records (counted per task and reason in the summary) instead of stopping "
+            "help": "Skip invalid records (counted per task and reason in the summary) instead of stopping "
             "with the list of errors."
         },
     )
     tokenize_num_proc: Optional[int] = field(
-        default=None, metadata={"help": "Processes used to tokenize (datasets.map num_proc); default 1."}
+        default=None,
+        metadata={"help": "Processes that validate and tokenize the records (datasets.map num_proc); default 1."},
     )
     dataset_cache_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Where tokenized tasks are cached (reused while data, tokenizer and settings are unchanged); "
-            "default <HF datasets cache>/mft_trainer. Set to 'none' to disable caching."
+            "help": "Where read, validated and tokenized tasks are cached (reused while data, tokenizer and settings "
+            "are unchanged); default <HF datasets cache>/mft_trainer. Set to 'none' to disable caching (everything "
+            "is then held in memory)."
         },
     )
 
@@ -159,12 +216,7 @@ class DataConfig:
             )
         if not isinstance(self.seq_length, int) or self.seq_length <= 0:
             raise ValueError(f"seq_length must be a positive integer, got {self.seq_length!r}")
-        try:
-            self.overlength_policy = OverlengthPolicy(self.overlength_policy).value
-        except ValueError:
-            raise ValueError(
-                f"overlength_policy must be one of {[p.value for p in OverlengthPolicy]}, got {self.overlength_policy!r}"
-            ) from None
+        self.overlength_policy = _enum_value(OverlengthPolicy, self.overlength_policy, "overlength_policy")
         if self.data_split is None:
             self.data_split = "100,0" if self.valid_data_paths is not None else "98,2"
         _, valid_fraction = parse_data_split(self.data_split)
@@ -176,16 +228,58 @@ class DataConfig:
         RoleMarkers.from_config(self.role_markers)  # validate early, with the same message as later
         check_chat_template_setting(self.chat_template, self.role_markers)
         self.padding_mode = PaddingMode.parse(self.padding_mode).value
+        self.empty_answers = _enum_value(EmptyAnswers, self.empty_answers, "empty_answers")
+        self._check_record_format()
+        SamplingRule.parse(self.task_sampling)  # validate early, with the same message as later
+        self.max_samples = parse_max_samples(self.max_samples)
         if self.tokenize_num_proc is not None and self.tokenize_num_proc < 1:
             raise ValueError(f"tokenize_num_proc must be >= 1, got {self.tokenize_num_proc!r}")
+
+    def _check_record_format(self) -> None:
+        if isinstance(self.record_format, dict):
+            if not self.record_format:
+                raise ValueError("record_format is an empty mapping; give {task_name: format} or one format for all")
+            for name, value in self.record_format.items():
+                InputFormat.parse(value, where=f"record_format[{name!r}]")
+        elif isinstance(self.record_format, (str, InputFormat)):
+            self.record_format = InputFormat.parse(self.record_format).value
+        else:
+            raise ValueError(
+                f"record_format must be a format name or a mapping {{task_name: format}}, got {self.record_format!r}"
+            )
+
+    def record_format_of(self, task: str) -> InputFormat:
+        """The record format of task `task` (`auto` unless record_format names one)."""
+        if isinstance(self.record_format, dict):
+            return InputFormat.parse(self.record_format.get(task, InputFormat.AUTO.value))
+        return InputFormat.parse(self.record_format)
+
+    def check_task_names(self, names: list[str]) -> None:
+        """Settings by task name must name tasks that exist.
+
+        Raises:
+            ValueError: record_format, max_samples or task_sampling weights name a task that data_paths
+                does not have.
+        """
+        for setting, value in (("record_format", self.record_format), ("max_samples", self.max_samples)):
+            unknown = sorted(set(value) - set(names)) if isinstance(value, dict) else []
+            if unknown:
+                raise ValueError(f"{setting} names unknown task(s) {unknown}; the tasks are {names}")
+        self.sampling_rule.check_tasks(names)
+
+    @property
+    def sampling_rule(self) -> SamplingRule:
+        """`task_sampling`, parsed."""
+        return SamplingRule.parse(self.task_sampling)
 
     def check_paths(self) -> None:
         """Check that every task path exists and holds data, as `build_mft_dataset` will need, so that
         a mistyped path fails before anything loads.
 
         Raises:
-            FileNotFoundError: a path that does not exist.
-            ValueError: a directory without .jsonl files, a file that is not one, two tasks of one name.
+            FileNotFoundError: a path that does not exist (a local `datasets` path too: never a hub request).
+            ValueError: a directory without data files, a file that is not one, a malformed `datasets` spec,
+                two tasks of one name.
         """
         resolve_task_sources(self.data_paths)
         if self.valid_data_paths is not None:

@@ -17,26 +17,31 @@ position_ids, and the summary reports how full the rows are.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
 
-from .cache import cache_file_for
+from .cache import cache_file_for, safe_file_name
 from .collator import DataCollatorForMFT
 from .constants import IGNORE_INDEX
-from .data_config import DataConfig, OverlengthPolicy, PaddingMode
+from .data_config import DataConfig, EmptyAnswers, OverlengthPolicy, PaddingMode
+from .mixture import epoch_indices, identity_plan, max_samples_of, samples_per_epoch, subset_indices
 from .packing import concat_dataset, pack_dataset
-from .records import DataValidationError, Record, RecordError, read_records
+from .reading import TaskRecords, read_task
+from .records import DataValidationError, Record, RecordError
 from .prompt_format import get_prompt_format
 from .segments import PromptFormat, tokenize_segments
 from .template_rendering import ChatTemplateError
 from .splitting import split_indices
 from .summary import DatasetSummary, TaskSummary
+from .sources import TaskSources
 from .tasks import TaskRegistry, resolve_task_sources
 
 logger = logging.getLogger(__name__)
@@ -86,24 +91,32 @@ class MFTDataset:
 
 
 class _Tokenizer:
-    """The `datasets.map` function: render and tokenize a batch of records of one task."""
+    """The `datasets.map` function: render and tokenize a batch of validated records of one task."""
 
-    def __init__(self, tokenizer: Any, prompt_format: PromptFormat, config: DataConfig, task_id: int):
+    def __init__(
+        self, tokenizer: Any, prompt_format: PromptFormat, config: DataConfig, task_id: int, records: TaskRecords
+    ):
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         # concat cuts long documents across rows, so no sample is too long for it.
         self.max_length = None if config.splits_long_samples else config.seq_length
         self.truncate = config.overlength_policy == OverlengthPolicy.TRUNCATE.value
         self.task_id = task_id
+        self.location = records.location  # names a record in errors
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        records = [Record.from_row(dict(zip(batch, values))) for values in zip(*batch.values())]
+        records = [
+            Record.from_row({"format": f, "messages": m, "text": t})
+            for f, m, t in zip(batch["format"], batch["messages"], batch["text"])
+        ]
         try:
             segments = self.prompt_format.batch_training_segments(records)
         except ChatTemplateError as e:
             # Name the record: the template's error is about this conversation, not the whole task.
-            where = records[e.record_index].source if e.record_index is not None else None
-            raise ChatTemplateError(f"{where}: {e}" if where else str(e)) from None
+            if e.record_index is None:
+                raise
+            where = self.location(batch["source"][e.record_index], batch["position"][e.record_index])
+            raise ChatTemplateError(f"{where}: {e}") from None
         out: dict[str, list] = {name: [] for name in _TOKENIZED_FEATURES}
         for sample in tokenize_segments(segments, self.tokenizer, self.prompt_format.eos_token_id):
             input_ids, labels, status = sample["input_ids"], sample["labels"], _STATUS_KEPT
@@ -134,17 +147,17 @@ def _cache_dir(config: DataConfig) -> Path | None:
 
 
 def _tokenize_task(
-    name: str, records: list[Record], task_id: int, tokenizer: Any, config: DataConfig, prompt_format: PromptFormat
+    name: str, records: TaskRecords, task_id: int, tokenizer: Any, config: DataConfig, prompt_format: PromptFormat
 ) -> Dataset:
-    raw = Dataset.from_list([r.to_row() for r in records])
+    raw = records.records
     settings = config.render_settings()
-    # The fingerprint of `raw` hashes the records' content; with the tokenizer, the render settings
-    # and the prompt format it identifies the result, so a cached file is reused only when nothing changed.
+    # The fingerprint of `raw` identifies the validated records (their sources' content, the record
+    # format); with the tokenizer, the render settings and the prompt format it identifies the
+    # result, so a cached file is reused only when nothing changed.
     key = Hasher.hash([_CACHE_FORMAT_VERSION, raw._fingerprint, tokenizer, settings, prompt_format.cache_key(), task_id])
-    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    cache_file = cache_file_for(_cache_dir(config), f"{safe_name}-{key}.arrow")
+    cache_file = cache_file_for(_cache_dir(config), f"{safe_file_name(name)}-{key}.arrow")
     return raw.map(
-        _Tokenizer(tokenizer, prompt_format, config, task_id),
+        _Tokenizer(tokenizer, prompt_format, config, task_id, records),
         batched=True,
         batch_size=256,
         remove_columns=raw.column_names,
@@ -158,20 +171,62 @@ def _tokenize_task(
 
 
 def _count_and_keep(tokenized: Dataset, summary: TaskSummary) -> Dataset:
-    """Add the over-length counts and the kept samples' sizes to `summary`; return the kept samples."""
-    statuses = Counter(tokenized["status"])
-    summary.dropped_too_long += statuses[_STATUS_TOO_LONG]
-    summary.truncated += statuses[_STATUS_TRUNCATED]
-    summary.dropped_no_trained_token += statuses[_STATUS_NO_TRAINED]
-    kept_statuses = {_STATUS_KEPT, _STATUS_TRUNCATED}
-    if sum(statuses[s] for s in kept_statuses) < len(tokenized):
-        # In memory: the kept rows' indices are cheap to find again, and a cache file of them would be
-        # one more file that a damaged cache could leave unreadable.
-        tokenized = tokenized.filter(lambda status: status in kept_statuses, input_columns="status", keep_in_memory=True)
-    summary.samples += len(tokenized)
-    summary.tokens += sum(tokenized["num_tokens"])
-    summary.trained_tokens += sum(tokenized["num_trained_tokens"])
-    return tokenized.select_columns(list(SAMPLE_COLUMNS))
+    """Add the over-length counts and the kept samples' sizes to `summary`; return the kept samples
+    (counted with pyarrow: no Python list of a whole column)."""
+    table = tokenized.data
+    statuses = {str(c["values"]): int(c["counts"]) for c in pc.value_counts(table.column("status")).to_pylist()}
+    summary.dropped_too_long += statuses.get(_STATUS_TOO_LONG, 0)
+    summary.truncated += statuses.get(_STATUS_TRUNCATED, 0)
+    summary.dropped_no_trained_token += statuses.get(_STATUS_NO_TRAINED, 0)
+    kept = pc.is_in(table.column("status"), value_set=pa.array([_STATUS_KEPT, _STATUS_TRUNCATED]))
+    kept = kept.to_numpy(zero_copy_only=False)  # [N] bool
+    if not kept.all():
+        tokenized = tokenized.select(np.flatnonzero(kept))
+    summary.samples += int(kept.sum())
+    summary.tokens += int(table.column("num_tokens").to_numpy()[kept].sum())
+    summary.trained_tokens += int(table.column("num_trained_tokens").to_numpy()[kept].sum())
+    # The trained-token counts stay until the epoch plan has counted them (_plan_epoch).
+    return tokenized.select_columns([*SAMPLE_COLUMNS, "num_trained_tokens"])
+
+
+def _cap_records(records: TaskRecords, name: str, config: DataConfig, summary: TaskSummary) -> None:
+    """Keep a seeded subset of at most max_samples of a task's valid records (before tokenization)."""
+    cap = max_samples_of(config.max_samples, name)
+    if cap is not None and len(records.records) > cap:
+        summary.over_max_samples += len(records.records) - cap
+        records.records = records.records.select(subset_indices(len(records.records), cap, config.split_seed, name))
+
+
+def _plan_epoch(parts: list[Dataset], names: tuple[str, ...], config: DataConfig, summary: DatasetSummary) -> list[Dataset]:
+    """Each task's training samples of one epoch of the task mixture (mft_trainer.mixture), and the
+    mixture's counts in the summary."""
+    rule = config.sampling_rule
+    sizes = [len(part) for part in parts]
+    counts = samples_per_epoch(rule, names, sizes)
+    shares = rule.shares(names, sizes)
+    planned = []
+    for name, part, count, share in zip(names, parts, counts, shares):
+        # Through Arrow: the numpy format converts row by row (8 s for 40k rows).
+        trained = part.select_columns(["num_trained_tokens"]).with_format("arrow")[:]["num_trained_tokens"]
+        trained = trained.to_numpy().astype(np.int64)  # [n]
+        task = summary.task(name)
+        task.samples_per_epoch = count
+        if identity_plan(len(part), count):
+            task.epoch_trained_tokens = int(trained.sum())
+            planned.append(part)
+            continue
+        indices = epoch_indices(len(part), count, config.split_seed, name)
+        task.epoch_trained_tokens = int(trained[indices].sum())
+        planned.append(part.select(indices))
+        if count == 0 and share > 0:
+            summary.warnings.append(
+                f"task {name!r} has no training sample in an epoch of task_sampling {rule}: its share rounds to 0 of "
+                f"{sum(counts)} samples; raise its weight"
+            )
+    total = sum(summary.task(name).epoch_trained_tokens for name in names)
+    for name in names:
+        summary.task(name).trained_token_share = summary.task(name).epoch_trained_tokens / total if total else 0.0
+    return planned
 
 
 def _no_sample_left_message(name: str, summary: TaskSummary, config: DataConfig) -> str:
@@ -189,22 +244,34 @@ def _no_sample_left_message(name: str, summary: TaskSummary, config: DataConfig)
 
 
 def _read_tasks(
-    sources: dict[str, list[Path]], summaries: dict[str, TaskSummary], skip_invalid: bool
-) -> dict[str, list[Record]]:
-    records: dict[str, list[Record]] = {}
+    sources: dict[str, TaskSources], summaries: dict[str, TaskSummary], config: DataConfig, warnings: list[str]
+) -> dict[str, TaskRecords]:
+    records: dict[str, TaskRecords] = {}
     errors: list[RecordError] = []
-    for name, files in sources.items():
-        task_records = read_records(files)
+    error_count = 0
+    allow_empty = config.empty_answers == EmptyAnswers.TRAIN.value
+    for name, found in sources.items():
         summary = summaries[name]
-        summary.files += len(files)
+        for skipped in found.skipped:
+            summary.not_read.append(str(skipped))
+            if skipped.warn:
+                warnings.append(f"task {name!r}: not read: {skipped}")
+        task_records = read_task(
+            name, found.sources, config.record_format_of(name), allow_empty, _cache_dir(config), config.tokenize_num_proc
+        )
+        summary.files += len(found.sources)
+        summary.sources += [s.label for s in found.sources]
         summary.records += len(task_records.records)
-        summary.skipped_invalid += len(task_records.errors)
+        summary.empty_answers += task_records.empty_answers
+        summary.empty_answer_examples += task_records.empty_answer_examples
+        summary.skipped_invalid += task_records.error_count
         for reason, count in task_records.skipped_by_problem.items():
             summary.skipped_reasons[reason] = summary.skipped_reasons.get(reason, 0) + count
         errors += task_records.errors
-        records[name] = task_records.records
-    if errors and not skip_invalid:
-        raise DataValidationError(errors)
+        error_count += task_records.error_count
+        records[name] = task_records
+    if errors and not config.skip_invalid_records:
+        raise DataValidationError(errors, total=error_count)
     for error in errors:
         logger.debug("skipped invalid record %s", error)
     return records
@@ -246,17 +313,26 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
         data_split=config.data_split,
     )
 
-    train_records = _read_tasks(train_sources, summaries, config.skip_invalid_records)
-    valid_records = _read_tasks(valid_sources, summaries, config.skip_invalid_records)
+    config.check_task_names(list(tasks.names))
+    train_records = _read_tasks(train_sources, summaries, config, summary.warnings)
+    valid_records = _read_tasks(valid_sources, summaries, config, summary.warnings)
+    for task in summary.tasks:
+        if task.empty_answers:
+            summary.warnings.append(
+                f"task {task.name!r} has {task.empty_answers} empty assistant turn(s) "
+                f"({', '.join(task.empty_answer_examples[:3])}{', ...' if task.empty_answers > 3 else ''}): trained "
+                "as empty answers, as MFTCoder does (empty_answers: invalid reports them as invalid records instead)"
+            )
 
     train_parts, valid_parts = [], []
     for task_id, name in enumerate(tasks.names):
         task_summary = summaries[name]
-        if not train_records[name]:
+        if not len(train_records[name].records):
             raise ValueError(
-                f"task {name!r} has no valid record (files: {[str(f) for f in train_sources[name]]}, "
+                f"task {name!r} has no valid record (sources: {[s.label for s in train_sources[name].sources]}, "
                 f"{task_summary.skipped_invalid} invalid record(s) skipped)"
             )
+        _cap_records(train_records[name], name, config, task_summary)
         train = _count_and_keep(
             _tokenize_task(name, train_records[name], task_id, tokenizer, config, prompt_format), task_summary
         )
@@ -284,8 +360,9 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
         if len(valid):
             valid_parts.append(valid)
 
-    train = concatenate_datasets(train_parts)
-    valid = concatenate_datasets(valid_parts) if valid_parts else None
+    summary.task_sampling = str(config.sampling_rule)
+    train = concatenate_datasets(_plan_epoch(train_parts, tasks.names, config, summary)).select_columns(list(SAMPLE_COLUMNS))
+    valid = concatenate_datasets(valid_parts).select_columns(list(SAMPLE_COLUMNS)) if valid_parts else None
     summary.padding_mode = config.padding_mode
     if config.padding_mode in (PaddingMode.PACK.value, PaddingMode.CONCAT.value):
         # Once, after the split, so that validation samples never share a row with training ones.

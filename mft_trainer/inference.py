@@ -35,8 +35,10 @@ from typing import Any, TextIO
 import torch
 
 from .paths import check_local_path
+from .formats import decode_json, prompt_messages
+from .sources import SourceKind, iter_json_texts
 from .run_artifacts import read_run_config
-from .records import InvalidRecord, Problem, RecordError, iter_jsonl_lines, single_turn_context
+from .records import InvalidRecord, Problem, RecordError
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 from .prompt_format import ChatTemplateMode, build_inference_prompt, get_prompt_format
 from .rendering import RoleMarkers
@@ -56,8 +58,6 @@ _DTYPES = {
 }
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
-# The prompt keys of the single-turn formats (records.SINGLE_TURN_KEYS), in the order they are tried.
-PROMPT_KEYS = ("prompt", "instruction", "question", "query", "input")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,39 +432,17 @@ class ChatSession:
 
 
 def record_messages(record: Any) -> list[dict[str, str]]:
-    """The prompt turns of a batch-inference record.
-
-    Accepted: `{"chat_rounds": [...]}` ending with a user turn, or a single-turn prompt record with
-    one of the keys prompt, instruction, question, query or input (and an optional `system`);
-    `instruction` + `input` are joined with a blank line as in training (Alpaca). Other keys (ids,
-    reference answers) are ignored here and kept in the output.
+    """The prompt turns of a batch-inference record, in any record format's prompt form
+    (`mft_trainer.formats.prompt_messages`): a `chat_rounds`, `messages` or `conversations` list
+    ending with a user turn, a `prompt` list of messages, or a single-turn prompt with one of the keys
+    prompt, instruction, question, query or input (and an optional `system`); `instruction` +
+    `input` are joined with a blank line as in training (Alpaca). Other keys (ids, reference
+    answers) are ignored here and kept in the output.
 
     Raises:
-        InvalidRecord: no prompt, or several candidate prompts.
+        InvalidRecord: no prompt, several candidate prompts, or turns that are not a valid prompt.
     """
-    if not isinstance(record, Mapping):
-        raise InvalidRecord(Problem.NOT_AN_OBJECT, f"expected a JSON object, got {type(record).__name__}")
-    prompt_keys = [k for k in PROMPT_KEYS if k in record]
-    if "chat_rounds" in record:
-        if prompt_keys:
-            raise InvalidRecord(
-                Problem.AMBIGUOUS_FORMAT,
-                f"record has both 'chat_rounds' and {prompt_keys}; keep the keys of exactly one format",
-            )
-        return record["chat_rounds"]  # checked by build_inference_prompt
-    if set(prompt_keys) == {"instruction", "input"}:
-        prompt_key = "instruction"  # joined with its input, as in training
-    elif len(prompt_keys) == 1:
-        prompt_key = prompt_keys[0]
-    elif not prompt_keys:
-        raise InvalidRecord(
-            Problem.UNKNOWN_FORMAT,
-            "no prompt: expected 'chat_rounds' ending with a user turn, or one of the keys "
-            f"{', '.join(PROMPT_KEYS)}; found keys {sorted(record)}",
-        )
-    else:
-        raise InvalidRecord(Problem.AMBIGUOUS_FORMAT, f"record has several prompt keys {prompt_keys}; keep exactly one")
-    return [{"role": m.role, "content": m.content} for m in single_turn_context(record, prompt_key)]
+    return [{"role": m.role, "content": m.content} for m in prompt_messages(record)]
 
 
 class BatchInputError(ValueError):
@@ -495,10 +473,11 @@ def read_batch_requests(
     """
     prompt_format = resolve_prompt_format(tokenizer, chat_template, role_markers, eos_token)
     requests, errors = [], []
-    for line, decoded in iter_jsonl_lines(Path(path)):
+    for line, raw, problem in iter_json_texts(path, SourceKind.JSONL):
         try:
-            if isinstance(decoded, InvalidRecord):
-                raise decoded
+            if problem is not None:
+                raise InvalidRecord(Problem.MALFORMED_JSON, problem)
+            decoded = decode_json(raw)
             prompt = build_inference_prompt(record_messages(decoded), tokenizer, chat_template=prompt_format)
             if output_key in decoded:
                 raise InvalidRecord(

@@ -44,7 +44,8 @@ NO_MEANING = {
     "tb_dir": "TensorBoard logs go where transformers puts them (report_to: [tensorboard])",
     "tokenizer_type": "the tokenizer is loaded with AutoTokenizer",
     "load_raw_dataset": "data is always read from jsonl (raw)",
-    "data_weights": "data sampling weights are not supported; use task_weights for the loss",
+    "data_weights": "not translated: set task_sampling: {weights: {task_name: weight}} to sample tasks by weight, "
+    "or task_weights to weight their losses",
     "low_cpu_mem_usage": "transformers always loads with low CPU memory use",
     "tokenize_mode": "sft is the only mode; use `text` records for pre-training-style data",
     "shuffle_before_split": "the train/valid split is always a seeded shuffle per task",

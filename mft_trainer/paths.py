@@ -39,13 +39,20 @@ def check_local_path(name: str | os.PathLike | None, what: str) -> None:
     existing paths pass."""
     if name is None or os.path.exists(name) or not looks_local(name):
         return
+    raise FileNotFoundError(
+        f"{what} {str(name)!r} does not exist{missing_path_hint(name)}; it is a local path, not a hub model id"
+    )
+
+
+def missing_path_hint(name: str | os.PathLike) -> str:
+    """For a path that does not exist: ' (did you mean ...?)' with close names beside it, or the
+    nearest existing directory above it; '' when there is neither."""
     path = Path(name).expanduser()
     parent = next((p for p in path.parents if p.is_dir()), None)
-    hint = ""
     if parent is not None and parent == path.parent:
         close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=3)
         if close:
-            hint = " (did you mean " + " or ".join(str(Path(str(name)).parent / c) for c in close) + "?)"
+            return " (did you mean " + " or ".join(str(Path(str(name)).parent / c) for c in close) + "?)"
     elif parent is not None:
-        hint = f" (the nearest existing directory is {parent})"
-    raise FileNotFoundError(f"{what} {str(name)!r} does not exist{hint}; it is a local path, not a hub model id")
+        return f" (the nearest existing directory is {parent})"
+    return ""

@@ -32,7 +32,9 @@ from datasets import Dataset
 
 from .constants import IGNORE_INDEX
 from .prompt_format import check_chat_template_setting, get_prompt_format
-from .records import DataValidationError, InvalidRecord, Message, Problem, RecordError, iter_jsonl_lines, parse_messages
+from .formats import decode_json
+from .records import DataValidationError, InvalidRecord, Message, Problem, RecordError, parse_messages
+from .sources import iter_text_lines
 from .segments import PromptFormat, tokenize_segments
 from .splitting import parse_data_split, split_indices
 
@@ -134,11 +136,11 @@ def build_preference_dataset(config: PreferenceDataConfig, tokenizer: Any) -> Pr
     prompt_format = get_prompt_format(tokenizer, config.chat_template, config.role_markers, config.eos_token)
     rows, errors = [], []
     for path in config.files():
-        for line, decoded in iter_jsonl_lines(path):
+        for line, text, problem in iter_text_lines(path):
             try:
-                if isinstance(decoded, InvalidRecord):
-                    raise decoded
-                rows.append(preference_ids(*parse_preference(decoded), prompt_format, tokenizer))
+                if problem is not None:
+                    raise InvalidRecord(Problem.MALFORMED_JSON, problem)
+                rows.append(preference_ids(*parse_preference(decode_json(text)), prompt_format, tokenizer))
             except InvalidRecord as e:
                 errors.append(RecordError(str(path), line, e.problem, str(e)))
     if errors:

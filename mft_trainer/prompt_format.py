@@ -21,7 +21,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .records import parse_messages, parse_record
+from .formats import parse_record
+from .records import parse_messages
 from .rendering import MFTCoderFormat, RoleMarkers
 from .segments import InferencePrompt, PromptFormat, resolve_eos_token_id, tokenize_segments
 from .template_rendering import ChatTemplateError, TemplateFormat
@@ -106,7 +107,8 @@ def render_conversation(
     """Render one jsonl record into `{"input_ids": [...], "labels": [...]}`, labels -100 where no loss.
 
     Args:
-        record: a decoded jsonl record in any accepted format (chat_rounds, single-turn, text).
+        record: a decoded record in any record format (chat_rounds, messages, ShareGPT, prompt/completion,
+            alpaca, single-turn, text; `mft_trainer.formats`).
         tokenizer: a Hugging Face tokenizer.
         role_markers: the turn markers of `mftcoder` (default MFTCoder's `<s>system\\n`, `<s>human\\n`, `<s>bot\\n`).
         eos_token: the token that ends an assistant turn in `mftcoder` (default: the tokenizer's EOS).
@@ -141,12 +143,12 @@ def build_inference_prompt(
 
     Args:
         messages: the turns (`[{"role", "content"}, ...]`, roles as in `chat_rounds`), or a record
-            with a `chat_rounds` (or `messages`) key.
+            with a `chat_rounds`, `messages` or `conversations` list.
         chat_template: the prompt format (module docstring), or a `PromptFormat` already built
             (then role_markers and eos_token are not used).
     """
     if isinstance(messages, Mapping):
-        messages = messages.get("chat_rounds", messages.get("messages"))
+        messages = next((messages[k] for k in ("chat_rounds", "messages", "conversations") if k in messages), None)
     parsed = parse_messages(list(messages) if messages is not None else None, last_role="user")
     fmt = chat_template if isinstance(chat_template, PromptFormat) else get_prompt_format(
         tokenizer, chat_template, role_markers, eos_token

@@ -326,8 +326,9 @@ def _bf16_gpu() -> bool:
 
 def check_recipe_paths(recipe: Recipe) -> None:
     """Check, before anything loads, that the recipe's local paths exist: the model and tokenizer
-    (a path that looks local is never tried as a hub id, mft_trainer/paths.py) and every task path
-    (each a .jsonl file or a directory holding some), and the generation-eval files.
+    (a path that looks local is never tried as a hub id, mft_trainer/paths.py), every task source
+    (a data file, a directory holding some, or a `datasets` spec whose local path exists), and the
+    generation-eval files.
 
     Raises:
         RecipeError: the first path that does not exist or holds no data, named.

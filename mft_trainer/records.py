@@ -1,36 +1,30 @@
-"""Reading and validating jsonl records: one line of a task file -> one normalised `Record`.
+"""Records: the validated form every record format becomes, and what can be wrong with one.
 
-Data is checked where it enters. A bad record is reported with its file, its line, what is wrong
-and what is expected, and nothing is dropped without being counted.
+A record of any format (`mft_trainer.formats`) becomes a `Record`: a conversation of `Message`s
+(system, user and assistant turns) or a `text`. Data is checked where it enters: a bad record is
+reported with where it is (file and line, or the row of a columnar file), what is wrong and what
+is expected, and nothing is dropped without being counted.
 
-Accepted formats (see docs/data_format.md):
+`parse_messages` validates a list of turns, whatever the format calls its keys: `{"role",
+"content"}` (chat_rounds, OpenAI/TRL messages) or `{"from", "value"}` (ShareGPT); a content is a
+string or a list of text parts (`[{"type": "text", "text": ...}]`). Roles: `system` (first turn
+only), `human`/`user`, `bot`/`assistant`/`gpt`, alternating user/assistant.
 
-- `chat_rounds`: a list of `{"role", "content"}` turns. Roles: `system` (first turn only),
-  `human`/`user`, `bot`/`assistant`/`gpt`, alternating user/assistant, ending with an assistant turn.
-- single-turn key pairs, with an optional `system`: prompt/answer, prompt/response,
-  instruction/output, instruction/response, question/response, question/answer, query/answer,
-  input/output. Alpaca records (instruction + input + output) join the instruction and the non-empty
-  input with a blank line, so that neither field is lost.
-- `text`: plain language-model text, every token trained.
-
->>> parse_record({"chat_rounds": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "hello"}]})
-Record(format=<RecordFormat.CHAT: 'chat'>, messages=(Message(role='user', content='hi'), \
-Message(role='assistant', content='hello')), text=None, source=None)
+>>> parse_messages([{"role": "human", "content": "hi"}, {"from": "gpt", "value": "hello"}])
+(Message(role='user', content='hi', trained=True), Message(role='assistant', content='hello', trained=True))
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 
 class RecordFormat(str, Enum):
+    """What a validated record is: a conversation (several rounds, or a single-turn pair) or text."""
+
     CHAT = "chat"
     SINGLE_TURN = "single_turn"
     TEXT = "text"
@@ -45,11 +39,14 @@ class Problem(str, Enum):
     AMBIGUOUS_FORMAT = "ambiguous format"
     MALFORMED_TURN = "malformed turn"
     UNKNOWN_ROLE = "unknown role"
+    TOOL_USE = "tool use"
+    MULTIMODAL_CONTENT = "multimodal content"
     SYSTEM_NOT_FIRST = "system turn not first"
     ROLES_NOT_ALTERNATING = "roles not alternating"
     WRONG_LAST_TURN = "wrong last turn"
     NON_STRING_CONTENT = "non-string content"
     EMPTY_CONTENT = "empty content"
+    INVALID_TEXT = "invalid text"
 
 
 # Every accepted spelling of a role, mapped to the three canonical roles.
@@ -62,29 +59,20 @@ ROLE_ALIASES: dict[str, str] = {
     "gpt": "assistant",
 }
 ROLE_SPELLINGS = "system, human/user, bot/assistant/gpt"
-
-# (prompt key, answer key) pairs of the single-turn formats, as MFTCoder accepts them.
-SINGLE_TURN_KEYS: tuple[tuple[str, str], ...] = (
-    ("prompt", "answer"),
-    ("prompt", "response"),
-    ("instruction", "output"),
-    ("instruction", "response"),
-    ("question", "response"),
-    ("question", "answer"),
-    ("query", "answer"),
-    ("input", "output"),
-)
-_ALPACA_PAIRS = {("instruction", "output"), ("input", "output")}
-_EXPECTED_FORMATS = (
-    "a 'chat_rounds' list, a 'text' string, or one of the key pairs "
-    + ", ".join(f"{p}/{a}" for p, a in SINGLE_TURN_KEYS)
-)
+# Roles of tool use (OpenAI, ShareGPT, Llama): named in the error, since the fix is not a typo.
+_TOOL_ROLES = {"tool", "function", "ipython", "observation", "function_call", "tool_call", "tool_response"}
+# The key pairs a turn may use: OpenAI/TRL and chat_rounds, then ShareGPT.
+TURN_KEYS: tuple[tuple[str, str], ...] = (("role", "content"), ("from", "value"))
 
 
 @dataclass(frozen=True)
 class Message:
+    """One turn. `trained` is False only for assistant turns that are context, not targets (the
+    assistant turns inside a TRL prompt/completion record's prompt)."""
+
     role: str  # "system", "user" or "assistant"
     content: str
+    trained: bool = True
 
 
 @dataclass(frozen=True)
@@ -97,19 +85,23 @@ class Record:
     text: str | None = None
     source: str | None = None
 
+    @property
+    def empty_answers(self) -> int:
+        """Assistant turns with no content (trained as an empty answer: MFTCoder's "\\n" + EOS)."""
+        return sum(m.role == "assistant" and not m.content.strip() for m in self.messages)
+
     def to_row(self) -> dict[str, Any]:
         """The record as a row of a `datasets.Dataset` (one schema for every format)."""
         return {
             "format": self.format.value,
-            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "messages": [{"role": m.role, "content": m.content, "trained": m.trained} for m in self.messages],
             "text": self.text,
-            "source": self.source,
         }
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Record:
-        messages = tuple(Message(m["role"], m["content"]) for m in row["messages"])
-        return cls(RecordFormat(row["format"]), messages, row["text"], row.get("source"))
+    def from_row(cls, row: Mapping[str, Any], source: str | None = None) -> Record:
+        messages = tuple(Message(m["role"], m["content"], m.get("trained", True)) for m in row["messages"])
+        return cls(RecordFormat(row["format"]), messages, row["text"], source)
 
 
 class InvalidRecord(ValueError):
@@ -120,17 +112,25 @@ class InvalidRecord(ValueError):
         self.problem = problem
 
 
+def location(path: str, position: int, unit: str = "line") -> str:
+    """Where a record is: `path:12` for the line of a text file, `path: row 12` for the row (0-based,
+    as `dataset[12]`) of a columnar file or a `datasets` source."""
+    return f"{path}:{position}" if unit == "line" else f"{path}: row {position}"
+
+
 @dataclass(frozen=True)
 class RecordError:
-    """An invalid record and where it is."""
+    """An invalid record and where it is: `line` is a 1-based line (unit "line") or a 0-based row index
+    (unit "row")."""
 
     path: str
     line: int
     problem: Problem
     message: str
+    unit: str = "line"
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.message}"
+        return f"{location(self.path, self.line, self.unit)}: {self.message}"
 
 
 class DataValidationError(ValueError):
@@ -138,174 +138,158 @@ class DataValidationError(ValueError):
 
     MAX_LISTED = 20
 
-    def __init__(self, errors: Sequence[RecordError]):
+    def __init__(self, errors: Sequence[RecordError], total: int | None = None):
         self.errors = list(errors)
+        self.total = len(self.errors) if total is None else total
         listed = "\n".join(f"  {e}" for e in self.errors[: self.MAX_LISTED])
-        more = len(self.errors) - self.MAX_LISTED
+        more = self.total - min(len(self.errors), self.MAX_LISTED)
         tail = f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(
-            f"{len(self.errors)} invalid record(s) in the task data:\n{listed}{tail}\n"
+            f"{self.total} invalid record(s) in the task data:\n{listed}{tail}\n"
             "Fix these lines, or set skip_invalid_records=True to skip invalid records "
             "(they are then counted per task and reason in the dataset summary)."
         )
 
 
-def _check_content(value: Any, where: str) -> str:
+def check_content(value: Any, where: str, allow_empty: bool = False) -> str:
+    """`value` as a turn's content: a string, non-empty unless `allow_empty`."""
     if not isinstance(value, str):
         raise InvalidRecord(
             Problem.NON_STRING_CONTENT, f"{where} is {type(value).__name__}, expected a non-empty string"
         )
-    if not value.strip():
+    if not allow_empty and not value.strip():
         raise InvalidRecord(Problem.EMPTY_CONTENT, f"{where} is empty, expected a non-empty string")
     return value
 
 
-def parse_messages(turns: Any, *, last_role: str = "assistant", key: str = "chat_rounds") -> tuple[Message, ...]:
-    """Validate a list of turns and return them with canonical roles.
+def _text_of_parts(parts: list, where: str) -> str:
+    """The text of a content given as parts (OpenAI/TRL): the text parts joined; any other part is
+    multimodal and cannot be trained with a text model."""
+    texts = []
+    for index, part in enumerate(parts):
+        part_where = f"{where}[{index}]"
+        if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+            raise InvalidRecord(
+                Problem.MALFORMED_TURN, f'{part_where} must be an object with a "type", e.g. {{"type": "text", "text": ...}}'
+            )
+        if part["type"] != "text":
+            raise InvalidRecord(
+                Problem.MULTIMODAL_CONTENT,
+                f"{part_where} is a {part['type']!r} part; only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                "supported (images, audio and files cannot be trained with a text model)",
+            )
+        texts.append(check_content(part.get("text"), f"{part_where}.text", allow_empty=True))
+    return "".join(texts)
+
+
+def _turn_role_and_content(turn: Any, where: str) -> tuple[Any, Any]:
+    """The raw role and content of a turn written with either key pair of `TURN_KEYS`."""
+    if isinstance(turn, Mapping):
+        if turn.get("tool_calls") or turn.get("function_call"):
+            raise InvalidRecord(
+                Problem.TOOL_USE,
+                f"{where} has tool calls; tool use is not supported, only text turns (system, user, assistant)",
+            )
+        for role_key, content_key in TURN_KEYS:
+            if role_key in turn and content_key in turn:
+                return turn[role_key], turn[content_key]
+    raise InvalidRecord(
+        Problem.MALFORMED_TURN, f"{where} must be an object with 'role' and 'content' (or ShareGPT's 'from' and 'value')"
+    )
+
+
+def parse_turns(
+    turns: Any,
+    names: Callable[[int], str],
+    *,
+    last_role: str = "assistant",
+    what: str = "'chat_rounds'",
+    allow_empty_answers: bool = True,
+    trained: Callable[[int], bool] = lambda index: True,
+) -> tuple[Message, ...]:
+    """Validate a list of turns and return them with canonical roles (see `parse_messages`).
 
     Args:
-        turns: the list of `{"role", "content"}` dicts.
-        last_role: the role the conversation must end with: "assistant" for training records,
-            "user" for inference prompts.
-        key: the name used for the list in error messages.
+        turns: the list of turns.
+        names: the name of turn `i` in error messages (`messages[2]`, `completion[0]`).
+        last_role: the role the conversation must end with.
+        what: the list's name in error messages.
+        allow_empty_answers: accept assistant turns with an empty content (MFTCoder trains them).
+        trained: whether the assistant turn at index `i` is a training target.
     """
-    if not isinstance(turns, list) or not turns:
-        raise InvalidRecord(Problem.MALFORMED_TURN, f"'{key}' must be a non-empty list of {{role, content}} objects")
-    messages = []
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise InvalidRecord(Problem.MALFORMED_TURN, f"{what} must be a non-empty list of {{role, content}} objects")
+    messages: list[Message] = []
+    raw_roles: list[Any] = []
+    indices: list[int] = []  # the index in `turns` of each message (an empty system turn is left out)
     for index, turn in enumerate(turns):
-        where = f"{key}[{index}]"
-        if not isinstance(turn, Mapping) or "role" not in turn or "content" not in turn:
-            raise InvalidRecord(Problem.MALFORMED_TURN, f"{where} must be an object with 'role' and 'content'")
-        raw_role = turn["role"]
+        where = names(index)
+        raw_role, raw_content = _turn_role_and_content(turn, where)
         role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         if role is None:
+            tool = isinstance(raw_role, str) and raw_role.strip().lower() in _TOOL_ROLES
             raise InvalidRecord(
-                Problem.UNKNOWN_ROLE, f"{where} has unknown role {raw_role!r}; expected one of {ROLE_SPELLINGS}"
+                Problem.UNKNOWN_ROLE,
+                f"{where} has unknown role {raw_role!r}; expected one of {ROLE_SPELLINGS}"
+                + (" (tool use is not supported: no tool or function turns)" if tool else ""),
             )
-        content = _check_content(turn["content"], f"{where}.content ({raw_role})")
-        messages.append(Message(role, content))
+        content_where = f"{where}.content ({raw_role})"
+        if isinstance(raw_content, (list, tuple)):
+            raw_content = _text_of_parts(list(raw_content), f"{where}.content")
+        content = check_content(raw_content, content_where, allow_empty=role != "user")
+        if role == "system" and not content.strip():
+            continue  # an empty system prompt is no system prompt (as for single-turn records)
+        if role == "assistant" and not content.strip() and not allow_empty_answers:
+            raise InvalidRecord(
+                Problem.EMPTY_CONTENT,
+                f"{content_where} is empty, expected a non-empty string (empty_answers is 'invalid'; with 'train' it is "
+                "trained as an empty answer, as MFTCoder does)",
+            )
+        messages.append(Message(role, content, trained(index) if role == "assistant" else True))
+        raw_roles.append(raw_role)
+        indices.append(index)
+    if not messages:
+        raise InvalidRecord(Problem.WRONG_LAST_TURN, f"{what} has only an empty system turn; it needs a conversation")
 
     first_dialogue_turn = 1 if messages[0].role == "system" else 0
-    for index, message in enumerate(messages[first_dialogue_turn:], start=first_dialogue_turn):
-        expected = "user" if (index - first_dialogue_turn) % 2 == 0 else "assistant"
+    for position, message in enumerate(messages[first_dialogue_turn:], start=first_dialogue_turn):
+        expected = "user" if (position - first_dialogue_turn) % 2 == 0 else "assistant"
+        where = names(indices[position])
         if message.role == "system":
             raise InvalidRecord(
-                Problem.SYSTEM_NOT_FIRST, f"{key}[{index}] is a system turn; only the first turn may be a system turn"
+                Problem.SYSTEM_NOT_FIRST, f"{where} is a system turn; only the first turn may be a system turn"
             )
         if message.role != expected:
             raise InvalidRecord(
                 Problem.ROLES_NOT_ALTERNATING,
-                f"{key}[{index}] has role {turns[index]['role']!r} where {'a user' if expected == 'user' else 'an assistant'} turn was expected; "
-                "roles must alternate user, assistant, user, ... after an optional first system turn",
+                f"{where} has role {raw_roles[position]!r} where {'a user' if expected == 'user' else 'an assistant'} "
+                "turn was expected; roles must alternate user, assistant, user, ... after an optional first system turn",
             )
     if messages[-1].role != last_role:
-        what = "the assistant's answer (the trained part)" if last_role == "assistant" else "the user's question"
+        target = "the assistant's answer (the trained part)" if last_role == "assistant" else "the user's question"
         raise InvalidRecord(
-            Problem.WRONG_LAST_TURN,
-            f"'{key}' ends with a {messages[-1].role} turn; the last turn must be {what}",
+            Problem.WRONG_LAST_TURN, f"{what} ends with a {messages[-1].role} turn; the last turn must be {target}"
         )
     return tuple(messages)
 
 
-def _single_turn_pairs(record: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(p, a) for p, a in SINGLE_TURN_KEYS if p in record and a in record]
+def parse_messages(
+    turns: Any, *, last_role: str = "assistant", key: str = "chat_rounds", allow_empty_answers: bool = True
+) -> tuple[Message, ...]:
+    """Validate a list of turns and return them with canonical roles.
 
-
-def parse_record(record: Any) -> Record:
-    """Validate one decoded jsonl record and normalise it. Raises `InvalidRecord`."""
-    if not isinstance(record, Mapping):
-        raise InvalidRecord(Problem.NOT_AN_OBJECT, f"expected a JSON object, got {type(record).__name__}")
-
-    pairs = _single_turn_pairs(record)
-    is_alpaca = set(pairs) == _ALPACA_PAIRS
-    candidates = [k for k in ("chat_rounds", "text") if k in record]
-    candidates += ["instruction/input/output"] if is_alpaca else [f"{p}/{a}" for p, a in pairs]
-    if not candidates:
-        raise InvalidRecord(
-            Problem.UNKNOWN_FORMAT, f"no known format: expected {_EXPECTED_FORMATS}; found keys {sorted(record)}"
-        )
-    if len(candidates) > 1:
-        raise InvalidRecord(
-            Problem.AMBIGUOUS_FORMAT,
-            f"record matches several formats ({', '.join(candidates)}); keep the keys of exactly one",
-        )
-
-    if "chat_rounds" in record:
-        return Record(RecordFormat.CHAT, parse_messages(record["chat_rounds"]))
-    if "text" in record:
-        return Record(RecordFormat.TEXT, text=_check_content(record["text"], "'text'"))
-
-    prompt_key, answer_key = ("instruction", "output") if is_alpaca else pairs[0]
-    context = single_turn_context(record, prompt_key)
-    answer = _check_content(record[answer_key], f"'{answer_key}'")
-    return Record(RecordFormat.SINGLE_TURN, (*context, Message("assistant", answer)))
-
-
-def single_turn_context(record: Mapping[str, Any], prompt_key: str) -> list[Message]:
-    """The turns before the answer of a single-turn record: an optional system turn, then the user
-    turn from `prompt_key`. Training and inference both build their prompts with it.
-
-    An instruction with a non-empty `input` (Alpaca) is joined to it after a blank line, so that
-    neither field is lost; an empty or null `system` (common in exported data) means no system turn.
+    Args:
+        turns: the list of turns, `{"role", "content"}` or `{"from", "value"}` objects; a content is a
+            string or a list of text parts.
+        last_role: the role the conversation must end with: "assistant" for training records,
+            "user" for inference prompts.
+        key: the name used for the list in error messages.
+        allow_empty_answers: accept assistant turns with no content (trained as MFTCoder does).
 
     Raises:
-        InvalidRecord: a prompt, input or system that is not a (non-empty) string.
+        InvalidRecord: the message names the turn and what is wrong with it.
     """
-    prompt = _check_content(record[prompt_key], f"'{prompt_key}'")
-    if prompt_key == "instruction" and "input" in record:
-        extra = record["input"]
-        if not isinstance(extra, str):
-            raise InvalidRecord(Problem.NON_STRING_CONTENT, f"'input' is {type(extra).__name__}, expected a string")
-        if extra.strip():
-            prompt = f"{prompt}\n\n{extra}"
-    messages = [Message("user", prompt)]
-    system = record.get("system")
-    if system is not None and not (isinstance(system, str) and not system.strip()):
-        messages.insert(0, Message("system", _check_content(system, "'system'")))
-    return messages
-
-
-@dataclass
-class TaskRecords:
-    """The valid records of one task and what was wrong with the others."""
-
-    records: list[Record] = field(default_factory=list)
-    errors: list[RecordError] = field(default_factory=list)
-
-    @property
-    def skipped_by_problem(self) -> dict[str, int]:
-        return dict(Counter(e.problem.value for e in self.errors))
-
-
-def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (1-based line number, decoded JSON or an `InvalidRecord`) for each non-blank line."""
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield line_number, InvalidRecord(Problem.MALFORMED_JSON, f"malformed JSON: not valid UTF-8 ({e.reason})")
-                continue
-            if not line.strip():
-                continue  # blank lines are not records
-            try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield line_number, InvalidRecord(
-                    Problem.MALFORMED_JSON, f"malformed JSON: {e.msg} at column {e.colno}"
-                )
-
-
-def read_records(paths: Sequence[Path]) -> TaskRecords:
-    """Read and validate every line of the given jsonl files (one task)."""
-    result = TaskRecords()
-    for path in paths:
-        for line_number, decoded in iter_jsonl_lines(path):
-            try:
-                if isinstance(decoded, InvalidRecord):
-                    raise decoded
-                record = parse_record(decoded)
-                result.records.append(dataclasses.replace(record, source=f"{path}:{line_number}"))
-            except InvalidRecord as e:
-                result.errors.append(RecordError(str(path), line_number, e.problem, str(e)))
-    return result
+    return parse_turns(
+        turns, lambda index: f"{key}[{index}]", last_role=last_role, what=f"'{key}'",
+        allow_empty_answers=allow_empty_answers,
+    )

@@ -89,9 +89,10 @@ class MFTCoderFormat(PromptFormat):
                 text = self.markers.user + format_content(message.content) + self.markers.assistant
                 segments.append(Segment(text, trained=False))
             else:
-                # The answer and the EOS that ends it are trained; the newline after EOS is not, so
-                # the model learns to stop and never to predict what follows its turn.
-                segments.append(Segment(format_content(message.content), trained=True, ends_with_eos=True))
+                # The answer and the EOS that ends it are trained (unless the turn is context, as in a
+                # prompt/completion record's prompt); the newline after EOS is not, so the model
+                # learns to stop and never to predict what follows its turn.
+                segments.append(Segment(format_content(message.content), trained=message.trained, ends_with_eos=True))
                 segments.append(Segment("\n", trained=False))
         return segments
 

@@ -124,7 +124,10 @@ def tokenize_segments(
     is therefore counted as untrained).
     """
     flat_texts = [segment.text for segments in samples for segment in segments]
-    flat_ids = tokenizer(flat_texts, add_special_tokens=False)["input_ids"] if flat_texts else []
+    # Only the ids: building attention masks and token type ids took ~40% of the tokenizer call.
+    flat_ids = tokenizer(
+        flat_texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"] if flat_texts else []
     rendered = []
     cursor = 0
     for segments in samples:

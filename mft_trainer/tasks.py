@@ -1,11 +1,12 @@
 """Tasks: where each task's data lives, and the registry of task names, ids and loss weights.
 
-A task is a directory of jsonl files (searched recursively) or a single `.jsonl` file. Its name is
-the directory's last component (a file's name without `.jsonl`), unless `data_paths` is a mapping
-from task name to paths:
+A task is a directory of data files (searched recursively), one data file, or a `datasets` spec
+(`mft_trainer.sources`). Its name is the directory's last component (a file's name without its
+extension, a `datasets` path's last component), unless `data_paths` is a mapping from task name to
+sources:
 
->>> resolve_task_sources({"qa": ["data/qa_a.jsonl", "data/qa_b"]})      # doctest: +SKIP
-{'qa': [PosixPath('data/qa_a.jsonl'), PosixPath('data/qa_b/part-0.jsonl')]}
+>>> resolve_task_sources({"qa": ["data/qa_a.jsonl", "data/qa_b"]})["qa"].sources      # doctest: +SKIP
+[DataSource(kind=<SourceKind.JSONL: 'jsonl'>, path='data/qa_a.jsonl', ...), ...]
 
 The `TaskRegistry` is the single, immutable mapping name <-> id (+ weights) of a run; it is saved
 with the run as `tasks.json` so that ids in logs and checkpoints keep their meaning.
@@ -25,39 +26,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-DataPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Mapping[str, Any]]
+from .sources import SPEC_KEYS, TaskSources, find_sources, is_dataset_spec, source_name
+
+DataPaths = Union[str, os.PathLike, Sequence[Any], Mapping[str, Any]]
 
 TASKS_FILE = "tasks.json"
 
 
-def _jsonl_files(path: Path) -> list[Path]:
-    """The jsonl files of one path: the file itself, or every *.jsonl below a directory, sorted."""
-    if not path.exists():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
-        if not files:
-            raise ValueError(f"data directory {str(path)!r} contains no .jsonl file (searched recursively)")
-        return files
-    if path.suffix != ".jsonl":
-        raise ValueError(f"data file {str(path)!r} is not a .jsonl file; a task is a directory of .jsonl files or one")
-    return [path]
+def _entries(value: Any) -> list[Any]:
+    """One task's entries: a path or a datasets spec, or a list of them."""
+    return [value] if isinstance(value, (str, os.PathLike, Mapping)) else list(value)
 
 
-def _task_name(path: Path) -> str:
-    return path.name if path.is_dir() else path.stem
-
-
-def resolve_task_sources(data_paths: DataPaths) -> dict[str, list[Path]]:
-    """Map each task name to its jsonl files, in the order the tasks were given.
+def resolve_task_sources(data_paths: DataPaths) -> dict[str, TaskSources]:
+    """Map each task name to its sources (and what was found and not read), in the order the tasks
+    were given.
 
     Args:
-        data_paths: one path, a list of paths (one task each), or a mapping task name -> path or
-            list of paths (the files of all those paths form that task).
+        data_paths: one path, a list of paths or `datasets` specs (one task each), or a mapping task
+            name -> path, spec, or list of them (the sources of all of them form that task).
 
     Raises:
-        ValueError: no path given, a path that is neither a directory nor a .jsonl file, a directory
-            without jsonl files, or two tasks with the same name.
+        ValueError: no path given, a path that is neither a directory nor a data file, a directory
+            without data, a malformed spec, or two tasks with the same name.
         FileNotFoundError: a path that does not exist.
     """
     if isinstance(data_paths, (str, os.PathLike)):
@@ -67,27 +58,34 @@ def resolve_task_sources(data_paths: DataPaths) -> dict[str, list[Path]]:
             "no data paths given: set data_paths to a task directory, a list of them, "
             "or a mapping {task_name: [paths]}"
         )
-    sources: dict[str, list[Path]] = {}
+    if is_dataset_spec(data_paths):
+        raise ValueError(
+            f"data_paths is one datasets spec ({dict(data_paths)!r}); put it in a list, [{{path: ...}}], or name its "
+            f"task, {{task_name: {{path: ...}}}} (a mapping at the top of data_paths maps task names to sources; "
+            f"spec keys: {', '.join(SPEC_KEYS)})"
+        )
+    sources: dict[str, TaskSources] = {}
     origin: dict[str, str] = {}
     if isinstance(data_paths, Mapping):
-        for name, paths in data_paths.items():
-            if isinstance(paths, (str, os.PathLike)):
-                paths = [paths]
+        for name, entries in data_paths.items():
             if not str(name).strip():
                 raise ValueError("task names in data_paths must be non-empty strings")
-            sources[str(name)] = [f for p in paths for f in _jsonl_files(Path(p))]
+            found = TaskSources()
+            for entry in _entries(entries):
+                found += find_sources(entry)
+            sources[str(name)] = found
         return sources
-    for raw in data_paths:
-        path = Path(raw)
-        files = _jsonl_files(path)
-        name = _task_name(path)
+    for entry in data_paths:
+        found = find_sources(entry)
+        name = source_name(entry)
+        shown = str(dict(entry)) if isinstance(entry, Mapping) else str(entry)
         if name in sources:
             raise ValueError(
-                f"two tasks are named {name!r} ({origin[name]!r} and {str(path)!r}); task names come from the "
+                f"two tasks are named {name!r} ({origin[name]!r} and {shown!r}); task names come from the "
                 "last path component, so give data_paths as a mapping {task_name: [paths]} to name them"
             )
-        sources[name] = files
-        origin[name] = str(path)
+        sources[name] = found
+        origin[name] = shown
     return sources
 
 

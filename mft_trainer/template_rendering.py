@@ -211,7 +211,7 @@ class TemplateFormat(PromptFormat):
     ) -> list[Segment]:
         """The segments of one conversation from its rendered prefixes (module docstring)."""
         assistant_turns = [i for i, m in enumerate(messages) if m.role == "assistant"]
-        pieces: list[tuple[str, bool]] = []
+        pieces: list[tuple[str, bool, bool]] = []  # (text, trained, is an answer span)
         done = ""  # the text the pieces cover so far
         for turn, (index, prompt, full) in enumerate(zip(assistant_turns, prompts, fulls)):
             if not prompt.startswith(done):
@@ -220,22 +220,30 @@ class TemplateFormat(PromptFormat):
                 raise self._rewrite_error(turn, "the conversation with this turn's answer", prompt, full)
             span = full[len(prompt):]
             trained = self._trained_length(span, messages[index].content, turn)
-            pieces += [(prompt[len(done):], False), (span[:trained], True), (span[trained:], False)]
+            pieces += [
+                (prompt[len(done):], False, False),
+                (span[:trained], messages[index].trained, True),
+                (span[trained:], False, False),
+            ]
             done = full
         if final_prompt is not None:
             if not final_prompt.startswith(done):
                 raise self._rewrite_error(len(assistant_turns), "the generation prompt", done, final_prompt)
-            pieces.append((final_prompt[len(done):], False))
+            pieces.append((final_prompt[len(done):], False, False))
         # Adjacent untrained pieces (the newline after a marker, the next user turn) are one segment,
-        # tokenized as the whole text would be.
+        # tokenized as the whole text would be. An answer span is always a segment of its own, also
+        # when it is not trained (context turns of a prompt/completion record), so that the tokens
+        # before every turn are those of the prompt inference sends.
         segments: list[Segment] = []
-        for text, trained in pieces:
+        previous_is_answer = False
+        for text, trained, is_answer in pieces:
             if not text:
                 continue
-            if segments and not trained and not segments[-1].trained:
+            if segments and not trained and not segments[-1].trained and not is_answer and not previous_is_answer:
                 segments[-1] = Segment(segments[-1].text + text, trained=False)
             else:
                 segments.append(Segment(text, trained=trained))
+            previous_is_answer = is_answer
         return segments
 
     def _rewrite_error(self, turn: int, what: str, before: str, after: str) -> ChatTemplateError:

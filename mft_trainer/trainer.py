@@ -49,7 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, Tr
 from .attention import check_packing_support
 from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
 from .chunked_loss import OutputHeadLoss
-from .coba import CoBaBalancer, ValidationStream
+from .coba import CoBaBalancer, CoBaValidSampling, ValidationStream
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
 from .constants import IGNORE_INDEX
@@ -649,12 +649,14 @@ class MFTTrainer(Trainer):
         if self._coba_stream is None:
             # Same columns as the Trainer's own evaluation batches.
             self._coba_dataset = self._remove_unused_columns(self.eval_dataset, description="CoBa validation")
+            uniform = self.args.coba_valid_sampling == CoBaValidSampling.UNIFORM.value
             self._coba_stream = ValidationStream(
                 size=len(self._coba_dataset),
                 batch_size=self.args.per_device_eval_batch_size,
                 num_ranks=self.accelerator.num_processes,
                 rank=self.accelerator.process_index,
                 seed=self.args.seed,
+                row_tasks=row_tasks(self._coba_dataset) if uniform else None,
             )
         return self._coba_stream
 
@@ -746,6 +748,20 @@ class _CoBaCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._coba_on_step_end(state.global_step)
+
+
+def row_tasks(dataset: Any) -> list[int]:
+    """The task of each row of an evaluation set, for task-balanced CoBa draws: a sample's task, or
+    for a packed row (several samples) the task with the most trained tokens in it (the lowest id on
+    ties)."""
+    if "task_id" in dataset.column_names:
+        return [int(t) for t in dataset["task_id"]]
+    tasks = []
+    for row in dataset.select_columns(["task_ids", "labels"]).with_format("numpy"):
+        trained = (row["labels"] != IGNORE_INDEX) & (row["task_ids"] >= 0)  # [L]
+        counts = np.bincount(row["task_ids"][trained], minlength=1)
+        tasks.append(int(counts.argmax()))
+    return tasks
 
 
 def _pad_token_id(tokenizer: Any) -> int:

@@ -262,7 +262,7 @@ def prepare_data(s: Settings) -> dict[str, Any]:
     rows to load: every row then trains on exactly these tokens."""
     tokenizer = AutoTokenizer.from_pretrained(s.tokenizer)
     config = DataConfig(data_paths=task_dirs(s.data), seq_length=s.seq_length, data_split=s.data_split,
-                        skip_invalid_records=True, dataset_cache_dir="none")
+                        skip_invalid_records=True, empty_answers="invalid", dataset_cache_dir="none")
     data = build_mft_dataset(config, tokenizer)
     if data.valid is None:
         raise ValueError(f"data_split {s.data_split} leaves no validation sample; the CoBa row needs some")
@@ -578,7 +578,8 @@ def run_prep_row(row: Row, s: Settings) -> dict[str, Any]:
     if row.trainer == "mft":
         def build(paths: list[str]) -> Any:
             config = DataConfig(data_paths=paths, seq_length=s.seq_length, data_split="100,0", padding_mode="pack",
-                                skip_invalid_records=True, dataset_cache_dir="none")
+                                # empty answers left out, as trl_messages leaves them out
+                                skip_invalid_records=True, empty_answers="invalid", dataset_cache_dir="none")
             return build_mft_dataset(config, tokenizer)
 
         smallest = min(task_dirs(s.data), key=lambda p: sum(f.stat().st_size for f in Path(p).rglob("*.jsonl")))

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from mft_trainer import build_inference_prompt, render_conversation
 from mft_trainer.chat_template import build_chat_template, install_chat_template
-from mft_trainer.records import parse_record
+from mft_trainer.formats import parse_record
 from mft_trainer.rendering import RoleMarkers, record_segments
 
 EOS = "<|endoftext|>"

@@ -220,6 +220,40 @@ def test_validation_stream_cycles_and_shards():
     assert sorted(i for batches in passes for batch in batches for i in batch) == list(range(7))
 
 
+def test_uniform_draws_hold_every_task_equally_and_walk_each_tasks_rows():
+    row_tasks = [0] * 90 + [1] * 9 + [2] * 1  # a validation set dominated by task 0
+    one = ValidationStream(size=100, batch_size=6, seed=3, row_tasks=row_tasks)
+    ranks = [ValidationStream(size=100, batch_size=3, num_ranks=2, rank=r, seed=3, row_tasks=row_tasks) for r in range(2)]
+    draws = [one.draw(k) for k in range(30)]
+    for k, rows in enumerate(draws):
+        assert sorted(row_tasks[i] for i in rows) == [0, 0, 1, 1, 2, 2]  # two rows of each task in each draw
+        assert ranks[0].draw(k) + ranks[1].draw(k) == rows  # sharded as the proportional walk is
+    walk = [i for rows in draws for i in rows]
+    task1 = [i for i in walk if row_tasks[i] == 1]  # 60 rows of task 1: its 9 rows, pass after pass
+    for p in range(6):
+        assert sorted(task1[9 * p: 9 * p + 9]) == list(range(90, 99))
+    assert task1[:9] != task1[9:18]  # reshuffled at each pass
+    assert sorted(i for i in walk if row_tasks[i] == 0)[:60] == sorted(set(i for i in walk if row_tasks[i] == 0))
+    again = ValidationStream(size=100, batch_size=6, seed=3, row_tasks=row_tasks)
+    assert [again.draw(k) for k in (29, 3)] == [draws[29], draws[3]]  # a draw depends only on k: resume continues
+    proportional = ValidationStream(size=100, batch_size=6, seed=3)
+    missed = sum(all(row_tasks[i] != 2 for i in proportional.draw(k)) for k in range(30))
+    assert missed > 20  # what uniform draws fix: the one-row task is absent from most proportional draws
+
+
+def test_row_tasks_of_packed_rows_are_their_main_task():
+    from datasets import Dataset
+
+    from mft_trainer.trainer import row_tasks
+
+    packed = Dataset.from_list([
+        {"task_ids": [0, 0, 1, 1, 1], "labels": [-100, 5, -100, 6, 7]},  # task 1 has more trained tokens
+        {"task_ids": [2, 2, 0, -1], "labels": [-100, 4, 3, -100]},  # a tie: the lower id
+    ])
+    assert row_tasks(packed) == [1, 0]
+    assert row_tasks(Dataset.from_list([{"task_id": 2}, {"task_id": 0}])) == [2, 0]
+
+
 # ---- The trainer -----------------------------------------------------------------------------------
 
 
@@ -231,6 +265,7 @@ def test_coba_config_fields_are_validated(tmp_path):
         ("coba_tau", 0, "coba_tau"),
         ("coba_update_interval", 0, "coba_update_interval"),
         ("coba_sample_valid_num", 1.5, "coba_sample_valid_num"),
+        ("coba_valid_sampling", "balanced", "coba_valid_sampling must be one of"),
     ]:
         with pytest.raises(ValueError, match=message):
             MFTConfig(output_dir=str(tmp_path), use_cpu=True, weighted_loss_mode="coba", **{field: value})
@@ -362,3 +397,22 @@ def test_two_ranks_give_the_weights_of_one_process(tmp_path):
     assert ranks[0]["num_samples"] == reference["num_samples"] == 10
     np.testing.assert_allclose(ranks[0]["weights"], reference["weights"], rtol=0, atol=1e-5)
     assert max(abs(w - 1 / 3) for w in reference["weights"]) > 0.01
+
+
+def test_uniform_validation_sampling_draws_the_tasks_equally_in_training(tmp_path):
+    """coba_valid_sampling uniform: every CoBa draw in a run holds each task's rows equally, on an
+    eval set where one task has most rows."""
+    from datasets import Dataset
+
+    trainer = coba_trainer(str(tmp_path), max_steps=4, eval_batch_size=3, coba_valid_sampling="uniform")
+    eval_rows = task_samples(6, seed=2)
+    trainer.eval_dataset = Dataset.from_list([r for r in eval_rows if r["task_id"] == 0] * 4 + eval_rows)
+    drawn = []
+    measure = trainer._coba_measure
+    trainer._coba_measure = lambda batches: drawn.append(batches) or measure(batches)
+    trainer.train()
+    task_of = [int(t) for t in trainer._coba_dataset["task_id"]]
+    sample_draws = drawn[1:]  # the first measure is the full pass for L_i(0)
+    assert len(sample_draws) == 4
+    for (rows,) in sample_draws:
+        assert sorted(task_of[i] for i in rows) == [0, 1, 2]

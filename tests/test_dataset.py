@@ -152,13 +152,14 @@ def test_tokenization_is_cached_and_parallel_gives_the_same(tmp_path, tokenizer,
     cache = tmp_path / "cache"
     first = build_mft_dataset(config(example_task_dirs, dataset_cache_dir=str(cache)), tokenizer)
     cache_files = sorted(p.name for p in cache.glob("*.arrow"))
-    assert len(cache_files) == 4
+    assert len(cache_files) == 8  # per task: its validated records (records-*) and its tokenized samples
+    assert sum(name.startswith("records-") for name in cache_files) == 4
     second = build_mft_dataset(config(example_task_dirs, dataset_cache_dir=str(cache)), tokenizer)
     assert sorted(p.name for p in cache.glob("*.arrow")) == cache_files  # reused, not rebuilt
     assert second.train.to_list() == first.train.to_list()
-    # A different render setting is a different cache entry.
+    # A different render setting is a different tokenization of the same validated records.
     build_mft_dataset(config(example_task_dirs, dataset_cache_dir=str(cache), seq_length=1024), tokenizer)
-    assert len(list(cache.glob("*.arrow"))) == 8
+    assert len(list(cache.glob("*.arrow"))) == 12 and len(list(cache.glob("records-*.arrow"))) == 4
     parallel = build_mft_dataset(config(example_task_dirs, tokenize_num_proc=2), tokenizer)
     assert parallel.train.to_list() == first.train.to_list()
 
@@ -224,17 +225,20 @@ def test_data_config_defaults():
 
 def test_shared_data_builds_and_accounts_for_every_record(tokenizer):
     """The full shared multi-task data (when present beside the checkout): its two records with an
-    empty answer are reported, and every line is accounted for."""
+    empty answer are trained (as MFTCoder does), counted and named, and every line is accounted for."""
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     if not shared.is_dir():
         pytest.skip("../shared/data is not beside this checkout")
     paths = [str(shared / t) for t in ("code_generation", "code_qa", "code_completion", "multi_round_chat")]
+    data = build_mft_dataset(config(paths), tokenizer)
+    assert [t.records for t in data.summary.tasks] == [4535, 2017, 164, 500]
+    code_qa = data.summary.task("code_qa")
+    assert code_qa.empty_answers == 2 and code_qa.skipped_invalid == 0
+    assert [Path(s).name for s in code_qa.empty_answer_examples] == ["train.jsonl:238", "train.jsonl:1860"]
+    assert any("task 'code_qa' has 2 empty assistant turn(s)" in w for w in data.summary.warnings)
     with pytest.raises(DataValidationError) as info:
-        build_mft_dataset(config(paths), tokenizer)
+        build_mft_dataset(config(paths, empty_answers="invalid"), tokenizer)
     assert [(Path(e.path).parent.name, e.line) for e in info.value.errors] == [("code_qa", 238), ("code_qa", 1860)]
-    data = build_mft_dataset(config(paths, skip_invalid_records=True), tokenizer)
-    assert [t.records for t in data.summary.tasks] == [4535, 2015, 164, 500]
-    assert data.summary.task("code_qa").skipped_reasons == {"empty content": 2}
     total = data.summary.total
-    assert total.samples + total.dropped_too_long + total.skipped_invalid == 7216
+    assert total.samples + total.dropped_too_long == 7216  # every line of the four files
     assert all(t.valid_samples > 0 for t in data.summary.tasks)

@@ -41,6 +41,24 @@ def test_scores_per_kind_of_task():
     assert [s["contains"] for s in qa] == [True, True, True]
 
 
+def test_answers_are_sanitised_as_humaneval_harnesses_do():
+    """What SmolLM2-135M-Instruct writes for HumanEval prompts: code that closes a fence it never
+    opened, example calls (one that raises), prose, and a cut-off last line; the prompt's imports are
+    needed by an answer that restates the function."""
+    question = "from typing import List\n\n\ndef double_all(xs: List[int]) -> List[int]:\n    \"\"\"Twice each.\"\"\"\n"
+    record = {**chat(("user", question), ("assistant", "    return [2 * x for x in xs]\n")),
+              "test": "def check(candidate):\n    assert candidate([1, 2]) == [2, 4]\n", "entry_point": "double_all"}
+    restated = ("def double_all(xs: List[int]) -> List[int]:\n    return [2 * x for x in xs]\n\n"
+                "print(double_all(None))  # Output: an error\n```\n\nThis function uses a list comprehension.")
+    cut_off = "```python\ndef double_all(xs: List[int]) -> List[int]:\n    return [2 * x for x in xs]\n\nprint(double_all([1, 2]"
+    body_cut_off = "    return [2 * x for x in xs]\n\nprint(double_all("
+    assert code_of(restated, question, "double_all") == (
+        "from typing import List\ndef double_all(xs: List[int]) -> List[int]:\n    return [2 * x for x in xs]\n")
+    scored = score([record] * 4, [restated, cut_off, body_cut_off, "def double_all(xs):\n    return xs\n"])
+    assert [s["pass@1"] for s in scored] == [True, True, True, False]
+    assert score([record], ["def double_all(xs:\n"])[0]["result"].startswith("failed: SyntaxError")
+
+
 def test_bad_eval_records_are_named(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [QA_RECORD, chat(("user", "no answer"))])
     with pytest.raises(ValueError, match=rf"{path}:2: "):

@@ -91,3 +91,15 @@ def test_stage_trains_and_saves_as_a_recipe(tmp_path, base, stage, peft):
     assert (out / ("adapter_config.json" if peft == "lora" else "model.safetensors")).exists()
     run_config = yaml.safe_load((out / "run_config.yaml").read_text())
     assert run_config["stage"] == stage and run_config["data"]["chat_template"] == "mftcoder"
+
+
+def test_preference_recipes_run_in_full_precision_without_a_bf16_gpu(tmp_path, monkeypatch):
+    """TRL's configs turn bf16 on when neither bf16 nor fp16 is set, which stops a run on a CPU;
+    the recipe leaves it on only on a bf16 GPU, and a recipe's own setting wins."""
+    from mft_trainer import recipe as recipe_module
+
+    argv = [str(REPO / "examples/recipes/smollm2-dpo.yaml"), "--output_dir", str(tmp_path)]
+    monkeypatch.setattr(recipe_module, "_bf16_gpu", lambda: False)
+    assert recipe_module.parse_recipe(argv).training.bf16 is False
+    monkeypatch.setattr(recipe_module, "_bf16_gpu", lambda: True)
+    assert recipe_module.parse_recipe(argv + ["--use_cpu", "true", "--bf16", "false"]).training.bf16 is False

@@ -3,7 +3,7 @@
 import pytest
 
 from mft_trainer import DataConfig, DataValidationError, Problem, build_mft_dataset, parse_record
-from mft_trainer.records import read_records
+from mft_trainer.reading import read_records
 
 from .helpers import chat, write_jsonl
 
@@ -22,14 +22,13 @@ BAD_RECORDS = [
     (chat(("human", "q"), ("bot", "a"), ("system", "s")), Problem.SYSTEM_NOT_FIRST, "chat_rounds[2] is a system turn"),
     (chat(("human", "q"), ("bot", "a"), ("human", "q2")), Problem.WRONG_LAST_TURN, "ends with a user turn"),
     (chat(("system", "s")), Problem.WRONG_LAST_TURN, "ends with a system turn"),
-    (chat(("human", "q"), ("bot", "")), Problem.EMPTY_CONTENT, "chat_rounds[1].content (bot) is empty"),
     (chat(("human", "   "), ("bot", "a")), Problem.EMPTY_CONTENT, "chat_rounds[0].content (human) is empty"),
     (chat(("human", 3), ("bot", "a")), Problem.NON_STRING_CONTENT, "chat_rounds[0].content (human) is int"),
     (chat(("human", "q"), ("bot", None)), Problem.NON_STRING_CONTENT, "is NoneType"),
     ({"chat_rounds": [{"role": "human"}]}, Problem.MALFORMED_TURN, "chat_rounds[0] must be an object"),
     ({"chat_rounds": []}, Problem.MALFORMED_TURN, "non-empty list"),
     ({"chat_rounds": "hello"}, Problem.MALFORMED_TURN, "non-empty list"),
-    ({"prompt": "q", "answer": ""}, Problem.EMPTY_CONTENT, "'answer' is empty"),
+    ({"prompt": "", "answer": "a"}, Problem.EMPTY_CONTENT, "'prompt' is empty"),
     ({"prompt": ["q"], "answer": "a"}, Problem.NON_STRING_CONTENT, "'prompt' is list"),
     ({"prompt": "q", "answer": "a", "system": 5}, Problem.NON_STRING_CONTENT, "'system' is int"),
     ({"text": ""}, Problem.EMPTY_CONTENT, "'text' is empty"),
@@ -80,7 +79,7 @@ def test_error_list_is_capped_at_twenty(tmp_path, tokenizer):
 
 def test_skip_invalid_records_counts_per_task_and_reason(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "a" / "x.jsonl", [GOOD] * 3 + ["{bad", chat(("human", "q"))])
-    b = write_jsonl(tmp_path / "b" / "y.jsonl", [GOOD] * 2 + [chat(("human", "q"), ("bot", ""))] * 2)
+    b = write_jsonl(tmp_path / "b" / "y.jsonl", [GOOD] * 2 + [chat(("human", ""), ("bot", "a"))] * 2)
     config = DataConfig(data_paths=[str(a.parent), str(b.parent)], skip_invalid_records=True, dataset_cache_dir="none")
     data = build_mft_dataset(config, tokenizer)
     task_a, task_b = data.summary.task("a"), data.summary.task("b")

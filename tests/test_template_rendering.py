@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from mft_trainer import ChatTemplateError, DataConfig, build_inference_prompt, build_mft_dataset, get_prompt_format
 from mft_trainer.constants import IGNORE_INDEX
-from mft_trainer.records import parse_record
+from mft_trainer.formats import parse_record
 from mft_trainer.segments import tokenize_segments
 
 from .conftest import EXAMPLE_DATA, REPO
