@@ -94,28 +94,33 @@ def held_out_problems(args: argparse.Namespace, data: Any) -> list[dict[str, Any
     """The validation records of code_completion (all of them, not capped), with HumanEval's tests:
     the split is the one build_mft_dataset made (split_indices over the task's samples, which are its
     records in file order when none was dropped; checked)."""
-    path = Path(args.data) / SMALLEST / "train.jsonl"
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_records(args.data)
     task_id = data.tasks.id_of(SMALLEST)
     samples = sum(1 for t in data.train["task_id"] if t == task_id) + sum(1 for t in data.valid["task_id"] if t == task_id)
     if samples != len(records):
-        raise SystemExit(f"{path}: {len(records)} records but {samples} samples; cannot find the held-out problems")
-    fraction = [float(x) for x in args.data_split.split(",")]
-    _, valid_indices = split_indices(len(records), fraction[1] / sum(fraction), args.seed, SMALLEST)
-    problems = [r for r in attach_humaneval_tests([records[i] for i in valid_indices]) if "test" in r]
+        raise SystemExit(f"{SMALLEST}: {len(records)} records but {samples} samples; cannot find the held-out problems")
+    problems = problems_of(records, args.data_split, args.seed)
     print(f"pass@1: {len(problems)} held-out HumanEval problems of {SMALLEST}")
     return problems
+
+
+def read_records(data: str) -> list[dict[str, Any]]:
+    path = Path(data) / SMALLEST / "train.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def problems_of(records: list[dict[str, Any]], data_split: str, seed: int) -> list[dict[str, Any]]:
+    """The validation part of `records` (split_indices, as build_mft_dataset splits), with their tests."""
+    fraction = [float(x) for x in data_split.split(",")]
+    _, valid_indices = split_indices(len(records), fraction[1] / sum(fraction), seed, SMALLEST)
+    return [r for r in attach_humaneval_tests([records[i] for i in valid_indices]) if "test" in r]
 
 
 def rescore(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """pass@1 again from the answers each run saved (runs/<run>/eval_gen/step-N.jsonl, the last N),
     with the scoring of mft_trainer.generation_eval as it is now; no model runs."""
-    path = Path(args.data) / SMALLEST / "train.jsonl"
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     settings = results["settings"]
-    fraction = [float(x) for x in settings["data_split"].split(",")]
-    _, valid_indices = split_indices(len(records), fraction[1] / sum(fraction), settings["seed"], SMALLEST)
-    problems = [r for r in attach_humaneval_tests([records[i] for i in valid_indices]) if "test" in r]
+    problems = problems_of(read_records(args.data), settings["data_split"], settings["seed"])
     for name, entry in [("untrained", None), *results["runs"].items()]:
         saved = sorted((Path(args.out) / "runs" / name.replace(" ", "_") / "eval_gen").glob("step-*.jsonl"),
                        key=lambda p: int(p.stem.split("-")[1]))
