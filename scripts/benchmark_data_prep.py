@@ -10,7 +10,9 @@ rounds, code with a system prompt, short answers), seeded. Each pipeline then ru
 its own, with an empty datasets cache in a fresh directory (both write their intermediate Arrow
 files to disk, as by default), one process each (num_proc 1), and reports:
 
-- seconds from the jsonl files to packed rows (after imports and the tokenizer load);
+- seconds from the jsonl files to packed rows (after imports and the tokenizer load), and the
+  CPU seconds of the process over the same span (user + system, all threads), which other work on a
+  shared machine does not inflate;
 - peak resident memory of the process (ru_maxrss), and its resident memory before the work began;
 - rows, tokens and trained tokens, to check that both prepared the same data.
 
@@ -99,11 +101,12 @@ def run_ours(paths: list[str], tokenizer_path: str, seq_length: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     config = DataConfig(data_paths=paths, seq_length=seq_length, data_split="100,0", padding_mode="pack",
                         dataset_cache_dir=os.path.join(os.environ["HF_DATASETS_CACHE"], "mft_trainer"))
-    before, began = current_rss_mb(), time.perf_counter()
+    before, began, cpu_began = current_rss_mb(), time.perf_counter(), time.process_time()
     data = build_mft_dataset(config, tokenizer)
-    seconds = time.perf_counter() - began
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
     total = data.summary.total
-    return {"seconds": seconds, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(), "records": total.records,
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(),
+            "records": total.records,
             "samples": total.samples, "dropped": total.dropped_too_long, "rows": len(data.train),
             "tokens": total.tokens, "trained_tokens": total.trained_tokens}
 
@@ -124,16 +127,17 @@ def run_trl(paths: list[str], tokenizer_path: str, seq_length: int) -> dict:
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     files = [str(Path(p) / "train.jsonl") for p in paths]
     output_dir = tempfile.mkdtemp(prefix="trl_prep_")
-    before, began = current_rss_mb(), time.perf_counter()
+    before, began, cpu_began = current_rss_mb(), time.perf_counter(), time.process_time()
     dataset = datasets.load_dataset("json", data_files=files, split="train")
     args = SFTConfig(output_dir=output_dir, report_to=[], use_cpu=True, bf16=False, packing=True,
                      packing_strategy="bfd", max_length=seq_length, assistant_only_loss=True)
     rows = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train_dataset
-    seconds = time.perf_counter() - began
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
     table = rows.with_format("arrow")[:]  # counted with pyarrow: no Python lists
     tokens = int(pc.sum(pc.list_value_length(table["input_ids"])).as_py())
     trained = int(pc.sum(pc.not_equal(pc.list_flatten(table["labels"]), -100)).as_py())
-    return {"seconds": seconds, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(), "records": len(dataset),
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(),
+            "records": len(dataset),
             "rows": len(rows), "tokens": tokens, "trained_tokens": trained}
 
 
@@ -163,7 +167,9 @@ def main() -> int:
     began = time.perf_counter()
     paths = write_data(data_dir, args.records, args.seed)
     print(f"data: {args.records} records in {data_dir} ({time.perf_counter() - began:.0f} s to write)", flush=True)
-    results = {"records": args.records, "seq_length": args.seq_length, "tokenizer": args.tokenizer,
+    tokenizer = Path(args.tokenizer).resolve()
+    shown_tokenizer = str(tokenizer.relative_to(REPO)) if tokenizer.is_relative_to(REPO) else args.tokenizer
+    results = {"records": args.records, "seq_length": args.seq_length, "tokenizer": shown_tokenizer,
                "threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count()}
     for pipeline in args.pipelines.split(","):
         with tempfile.TemporaryDirectory(prefix=f"prep_cache_{pipeline}_") as cache:
@@ -176,7 +182,7 @@ def main() -> int:
                 return done.returncode
             result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
         results[pipeline] = result
-        print(f"{pipeline}: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MiB "
+        print(f"{pipeline}: {result['seconds']:.1f} s ({result['cpu_seconds']:.1f} CPU s), peak RSS {result['peak_rss_mb']:.0f} MiB "
               f"(before: {result['rss_before_mb']:.0f} MiB), {result['rows']} rows, {result['tokens']} tokens, "
               f"{result['trained_tokens']} trained", flush=True)
     if args.out:
