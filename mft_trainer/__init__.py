@@ -11,10 +11,10 @@ from .chunked_loss import OutputHeadLoss, linear_cross_entropy
 from .coba import CoBaBalancer
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
-from .data_config import DataConfig, EmptyAnswers, OverlengthPolicy, PaddingMode
+from .data_config import DataConfig
 from .dataset import MFTDataset, build_mft_dataset
 from .inference import ChatSession, Generation, GenerationOptions, generate_answers, load_model_and_tokenizer
-from .losses import LossMode
+from .modes import EmptyAnswers, LossImplementation, LossMode, OverlengthPolicy, PaddingMode
 from .formats import InputFormat, parse_record
 from .records import DataValidationError, InvalidRecord, Problem, RecordError
 from .prompt_format import ChatTemplateError, ChatTemplateMode, build_inference_prompt, get_prompt_format, render_conversation
@@ -47,6 +47,7 @@ __all__ = [
     "InferencePrompt",
     "InputFormat",
     "InvalidRecord",
+    "LossImplementation",
     "LossMode",
     "MFTConfig",
     "MFTDataset",

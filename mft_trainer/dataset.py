@@ -31,7 +31,8 @@ from datasets.fingerprint import Hasher
 from .cache import cache_file_for, safe_file_name
 from .collator import DataCollatorForMFT
 from .constants import IGNORE_INDEX
-from .data_config import DataConfig, EmptyAnswers, OverlengthPolicy, PaddingMode
+from .data_config import DataConfig
+from .modes import EmptyAnswers, OverlengthPolicy, PaddingMode
 from .mixture import epoch_indices, identity_plan, max_samples_of, samples_per_epoch, subset_indices
 from .packing import concat_dataset, pack_dataset
 from .reading import TaskRecords, read_task

@@ -49,7 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, Tr
 from .attention import check_packing_support
 from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
 from .chunked_loss import OutputHeadLoss
-from .coba import CoBaBalancer, CoBaValidSampling, ValidationStream
+from .coba import CoBaBalancer, ValidationStream
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
 from .constants import IGNORE_INDEX
@@ -63,7 +63,6 @@ from .divergence import (
     uniform_loss_text,
 )
 from .losses import (
-    LossMode,
     LossNormalizers,
     combine_task_sums,
     count_normalizers,
@@ -73,6 +72,7 @@ from .losses import (
     task_loss_sums,
 )
 from .modeling import keep_4bit_weights_trainable
+from .modes import CoBaValidSampling, LossImplementation, LossMode
 from .run_artifacts import COBA_STATE_FILE, GENERATION_CONFIG_FILE, RUN_ARTIFACTS, write_run_config
 from .tasks import TaskRegistry
 

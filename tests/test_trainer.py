@@ -257,7 +257,7 @@ def test_missing_task_keys_and_bad_arguments_are_clear_errors(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"weighted_loss_mode": "case9"}, "unknown loss mode"),
+        ({"weighted_loss_mode": "case9"}, "weighted_loss_mode must be one of case1"),
         ({"weighted_loss_mode": "coba", "coba_warmup_steps": -1}, "coba_warmup_steps must be an integer >= 0"),
         ({"weighted_loss_mode": "case1", "task_weights": {"a": 2.0}}, "task-balanced modes"),
         ({"task_weights": {"a": -1}}, ">= 0"),
