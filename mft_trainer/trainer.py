@@ -73,6 +73,7 @@ from .losses import (
 )
 from .modeling import keep_4bit_weights_trainable
 from .modes import CoBaValidSampling, LossImplementation, LossMode
+from .segments import padding_token_id
 from .run_artifacts import COBA_STATE_FILE, GENERATION_CONFIG_FILE, RUN_ARTIFACTS, write_run_config
 from .tasks import TaskRegistry
 
@@ -138,7 +139,9 @@ class MFTTrainer(Trainer):
             # Rows packed by build_mft_dataset carry position_ids; they need the packing collator.
             columns = getattr(train_dataset if train_dataset is not None else eval_dataset, "column_names", None) or []
             padding_mode = "pack" if "position_ids" in columns else "padding"
-            data_collator = DataCollatorForMFT(pad_token_id=_pad_token_id(processing_class), padding_mode=padding_mode)
+            if processing_class is None:
+                raise ValueError("pass processing_class=<tokenizer> (or a data_collator) so that batches can be padded")
+            data_collator = DataCollatorForMFT(pad_token_id=padding_token_id(processing_class), padding_mode=padding_mode)
         super().__init__(
             model=model,
             args=args,
@@ -762,16 +765,6 @@ def row_tasks(dataset: Any) -> list[int]:
         counts = np.bincount(row["task_ids"][trained], minlength=1)
         tasks.append(int(counts.argmax()))
     return tasks
-
-
-def _pad_token_id(tokenizer: Any) -> int:
-    if tokenizer is None:
-        raise ValueError("pass processing_class=<tokenizer> (or a data_collator) so that batches can be padded")
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)  # padding is masked out, so EOS serves (as in MFTCoder)
-    raise ValueError("the tokenizer has neither a pad nor an EOS token; pass a data_collator with a pad_token_id")
 
 
 class _PaddedDataset(torch.utils.data.Dataset):
