@@ -5,6 +5,10 @@
 >>> collator = DataCollatorForMFT(pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 """
 
+from .library_noise import silence_library_noise
+
+silence_library_noise()  # before the imports below load bitsandbytes and DeepSpeed
+
 from .attention import PackingError, check_packing_support, default_attn_implementation, probe_packing
 from .chat_template import build_chat_template, install_chat_template
 from .chunked_loss import OutputHeadLoss, linear_cross_entropy
