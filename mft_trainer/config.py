@@ -216,6 +216,14 @@ class MFTConfig(TrainingArguments):
         (the reentrant variant needs inputs that require grad, which a frozen LoRA base lacks)."""
         # The name this transformers reads first, then its alias (if it has one).
         names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if n in self.__dataclass_fields__]
+        if len(names) == 2:
+            # MFTCoder's (and older transformers') name is accepted as it is, without transformers'
+            # FutureWarning about the alias: the setting is moved to the new name before its check.
+            for suffix in ("", "_kwargs"):
+                new, old = (f"{name}{suffix}" for name in names)
+                if getattr(self, new) is None and getattr(self, old) is not None:
+                    setattr(self, new, getattr(self, old))
+                    setattr(self, old, None)
         if all(getattr(self, name) is None for name in names):
             setattr(self, names[0], True)
         enabled = any(getattr(self, name) for name in names)

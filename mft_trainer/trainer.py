@@ -44,6 +44,7 @@ import torch
 from accelerate.utils import broadcast
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
 from .attention import check_packing_support
@@ -73,6 +74,7 @@ from .losses import (
 )
 from .modeling import keep_4bit_weights_trainable
 from .modes import CoBaValidSampling, LossImplementation, LossMode
+from .progress import TrainingProgressCallback
 from .segments import padding_token_id
 from .run_artifacts import COBA_STATE_FILE, GENERATION_CONFIG_FILE, RUN_ARTIFACTS, write_run_config
 from .tasks import TaskRegistry
@@ -151,6 +153,10 @@ class MFTTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        # The Trainer's default bar (not a user's own) gives way to one without nested evaluation bars.
+        if any(type(callback) is ProgressCallback for callback in self.callback_handler.callbacks):
+            self.pop_callback(ProgressCallback)
+            self.add_callback(TrainingProgressCallback)
         # The model gets no labels and computes no loss, so the Trainer's own token counting is moot.
         self.model_accepts_loss_kwargs = False
         # Evaluation (and the first step's probe) must not switch 4-bit layers to an inference format.

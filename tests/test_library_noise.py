@@ -41,3 +41,16 @@ def test_importing_deepspeed_after_mft_trainer_prints_no_accelerator_notice():
     output = run.stdout + run.stderr
     assert "Setting accelerator to CPU" not in output
     assert "kernels-community" not in output
+
+
+def test_peft_reading_the_deprecated_checkpointing_property_warns_nobody():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        from mft_trainer.library_noise import silence_library_noise
+
+        silence_library_noise()  # catch_warnings reset the filters
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("another deprecation", FutureWarning)
+    assert [str(w.message) for w in caught] == ["another deprecation"]
