@@ -5,16 +5,20 @@
 >>> collator = DataCollatorForMFT(pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 """
 
+from .library_noise import silence_library_noise
+
+silence_library_noise()  # before the imports below load bitsandbytes and DeepSpeed
+
 from .attention import PackingError, check_packing_support, default_attn_implementation, probe_packing
 from .chat_template import build_chat_template, install_chat_template
 from .chunked_loss import OutputHeadLoss, linear_cross_entropy
 from .coba import CoBaBalancer
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
-from .data_config import DataConfig, EmptyAnswers, OverlengthPolicy, PaddingMode
+from .data_config import DataConfig
 from .dataset import MFTDataset, build_mft_dataset
 from .inference import ChatSession, Generation, GenerationOptions, generate_answers, load_model_and_tokenizer
-from .losses import LossMode
+from .modes import EmptyAnswers, LossImplementation, LossMode, OverlengthPolicy, PaddingMode
 from .formats import InputFormat, parse_record
 from .records import DataValidationError, InvalidRecord, Problem, RecordError
 from .prompt_format import ChatTemplateError, ChatTemplateMode, build_inference_prompt, get_prompt_format, render_conversation
@@ -47,6 +51,7 @@ __all__ = [
     "InferencePrompt",
     "InputFormat",
     "InvalidRecord",
+    "LossImplementation",
     "LossMode",
     "MFTConfig",
     "MFTDataset",

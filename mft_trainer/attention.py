@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from .data_config import PaddingMode
+from .modes import PaddingMode
 
 logger = logging.getLogger(__name__)
 

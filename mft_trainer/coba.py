@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -43,32 +42,6 @@ import torch
 from torch import Tensor
 
 STATE_VERSION = 1
-
-
-def validate_coba_settings(
-    warmup_steps: Any, history_length: Any, tau: Any, update_interval: Any, sample_valid_num: Any
-) -> None:
-    """Check the CoBa settings; the messages name the `MFTConfig` fields.
-
-    Raises:
-        ValueError: a setting of the wrong type or out of range.
-    """
-
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if not is_int(warmup_steps) or warmup_steps < 0:
-        raise ValueError(f"coba_warmup_steps must be an integer >= 0 (optimizer steps), got {warmup_steps!r}")
-    if not is_int(history_length) or history_length < 2:
-        raise ValueError(
-            f"coba_history_length must be an integer >= 2 (a slope needs two points), got {history_length!r}"
-        )
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"coba_tau must be a finite number > 0, got {tau!r}")
-    if not is_int(update_interval) or update_interval < 1:
-        raise ValueError(f"coba_update_interval must be an integer >= 1 (optimizer steps), got {update_interval!r}")
-    if not is_int(sample_valid_num) or sample_valid_num < 1:
-        raise ValueError(f"coba_sample_valid_num must be an integer >= 1 (batches), got {sample_valid_num!r}")
 
 
 # ---- The math: pure functions of float64 tensors ------------------------------------------------
@@ -234,9 +207,19 @@ class CoBaBalancer:
         tau: float = 5.0,
         update_interval: int = 1,
     ):
-        validate_coba_settings(warmup_steps, history_length, tau, update_interval, 1)
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        # MFTConfig checks these as settings; this checks them for a balancer built by hand.
+        given = {"num_tasks": num_tasks, "warmup_steps": warmup_steps, "history_length": history_length,
+                 "tau": tau, "update_interval": update_interval}
+        in_range = {
+            "num_tasks": num_tasks >= 1,
+            "warmup_steps": warmup_steps >= 0,
+            "history_length": history_length >= 2,  # a slope needs two points
+            "tau": math.isfinite(tau) and tau > 0,
+            "update_interval": update_interval >= 1,
+        }
+        wrong = [f"{name}={given[name]!r}" for name, ok in in_range.items() if not ok]
+        if wrong:
+            raise ValueError(f"CoBaBalancer: out of range: {', '.join(wrong)}")
         self.num_tasks = num_tasks
         self.warmup_steps = warmup_steps
         self.history_length = history_length
@@ -388,13 +371,6 @@ class CoBaBalancer:
         self._slopes_start = int(state["slopes_start"])
         self._max_slopes = torch.tensor(_from_json_list(state["max_slopes"]), dtype=torch.float64)
         self._weights = torch.tensor(_from_json_list(state["weights"]), dtype=torch.float64)
-
-
-class CoBaValidSampling(str, Enum):
-    """How CoBa's validation draws pick rows (`coba_valid_sampling`)."""
-
-    PROPORTIONAL = "proportional"  # a walk through the whole set: tasks by their share of it (MFTCoder's)
-    UNIFORM = "uniform"  # the tasks in turn: every task the same number of rows in each draw (±1)
 
 
 class ValidationStream:

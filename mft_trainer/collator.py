@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .constants import IGNORE_INDEX, NO_TASK
-from .data_config import PaddingMode
+from .modes import PaddingMode
 
 # Keys of a packed batch that are not [B, L] tensors.
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")

@@ -11,10 +11,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from .coba import CoBaValidSampling, validate_coba_settings
-from .losses import LossMode
-
-LOSS_IMPLEMENTATIONS = ("auto", "chunked", "plain")
+from .modes import CoBaValidSampling, LossImplementation, LossMode
 
 
 @dataclass
@@ -164,10 +161,7 @@ class MFTConfig(TrainingArguments):
             self.load_best_model_at_end = True
             self.metric_for_best_model = self.metric_for_best_model or "eval_loss"
         super().__post_init__()
-        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
-            raise ValueError(
-                f"loss_implementation must be one of {', '.join(LOSS_IMPLEMENTATIONS)}, got {self.loss_implementation!r}"
-            )
+        self.loss_implementation = LossImplementation.parse(self.loss_implementation).value
         if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be an integer >= 0 (0 = automatic), got {self.loss_chunk_size!r}")
         mode = LossMode.parse(self.weighted_loss_mode)
@@ -179,19 +173,8 @@ class MFTConfig(TrainingArguments):
             )
         if self.generation_eval_steps is not None and self.generation_eval_steps < 1:
             raise ValueError(f"generation_eval_steps must be >= 1, got {self.generation_eval_steps!r}")
-        validate_coba_settings(
-            self.coba_warmup_steps,
-            self.coba_history_length,
-            self.coba_tau,
-            self.coba_update_interval,
-            self.coba_sample_valid_num,
-        )
-        try:
-            self.coba_valid_sampling = CoBaValidSampling(self.coba_valid_sampling).value
-        except ValueError:
-            raise ValueError(
-                f"coba_valid_sampling must be one of {[m.value for m in CoBaValidSampling]}, got {self.coba_valid_sampling!r}"
-            ) from None
+        self._check_coba_settings()
+        self.coba_valid_sampling = CoBaValidSampling.parse(self.coba_valid_sampling).value
         if self.task_weights is not None:
             if not isinstance(self.task_weights, dict):
                 raise ValueError(f'task_weights must be a mapping task name -> weight, e.g. {{"code_qa": 2.0}}, got {self.task_weights!r}')
@@ -208,11 +191,39 @@ class MFTConfig(TrainingArguments):
                 "label_smoothing_factor is not supported: MFTTrainer computes its own per-task cross-entropy"
             )
 
+    def _check_coba_settings(self) -> None:
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_int(self.coba_warmup_steps) or self.coba_warmup_steps < 0:
+            raise ValueError(f"coba_warmup_steps must be an integer >= 0 (optimizer steps), got {self.coba_warmup_steps!r}")
+        if not is_int(self.coba_history_length) or self.coba_history_length < 2:
+            raise ValueError(
+                f"coba_history_length must be an integer >= 2 (a slope needs two points), got {self.coba_history_length!r}"
+            )
+        tau = self.coba_tau
+        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
+            raise ValueError(f"coba_tau must be a finite number > 0, got {tau!r}")
+        if not is_int(self.coba_update_interval) or self.coba_update_interval < 1:
+            raise ValueError(
+                f"coba_update_interval must be an integer >= 1 (optimizer steps), got {self.coba_update_interval!r}"
+            )
+        if not is_int(self.coba_sample_valid_num) or self.coba_sample_valid_num < 1:
+            raise ValueError(f"coba_sample_valid_num must be an integer >= 1 (batches), got {self.coba_sample_valid_num!r}")
+
     def _default_checkpointing_on(self) -> None:
         """Gradient checkpointing on when neither name is set; non-reentrant unless kwargs are given
         (the reentrant variant needs inputs that require grad, which a frozen LoRA base lacks)."""
         # The name this transformers reads first, then its alias (if it has one).
         names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if n in self.__dataclass_fields__]
+        if len(names) == 2:
+            # MFTCoder's (and older transformers') name is accepted as it is, without transformers'
+            # FutureWarning about the alias: the setting is moved to the new name before its check.
+            for suffix in ("", "_kwargs"):
+                new, old = (f"{name}{suffix}" for name in names)
+                if getattr(self, new) is None and getattr(self, old) is not None:
+                    setattr(self, new, getattr(self, old))
+                    setattr(self, old, None)
         if all(getattr(self, name) is None for name in names):
             setattr(self, names[0], True)
         enabled = any(getattr(self, name) for name in names)

@@ -7,66 +7,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Optional, Union
 
 from .formats import InputFormat
+from .modes import EmptyAnswers, OverlengthPolicy, PaddingMode
 from .mixture import SamplingRule, parse_max_samples
 from .prompt_format import check_chat_template_setting
 from .rendering import RoleMarkers
 from .splitting import parse_data_split
 from .tasks import resolve_task_sources
-
-
-class OverlengthPolicy(str, Enum):
-    """What happens to a sample longer than `seq_length`."""
-
-    DROP = "drop"  # the sample is left out (and counted)
-    TRUNCATE = "truncate"  # the sample is cut to seq_length; dropped (and counted) if no trained token is left
-
-
-class EmptyAnswers(str, Enum):
-    """What happens to an assistant turn with no content."""
-
-    TRAIN = "train"  # trained as an empty answer (MFTCoder: "\n" + EOS), counted and warned about
-    INVALID = "invalid"  # the record is invalid (an error, or skipped with skip_invalid_records)
-
-
-class PaddingMode(str, Enum):
-    """How samples become the rows of a batch (docs/packing.md).
-
-    The packed modes (all but `padding`) put several samples in one row. Their batches carry
-    per-token `position_ids` that restart at 0 for every sample and no `attention_mask`, so the
-    attention backend keeps samples apart (DESIGN.md invariant 3).
-    """
-
-    PADDING = "padding"  # one sample per row, padded to the longest of the batch (attention_mask)
-    PACK = "pack"  # whole samples packed best-fit-decreasing into rows of <= seq_length, at build time
-    PADDING_FREE = "padding_free"  # the collator flattens each batch of samples into one row
-    CONCAT = "concat"  # continued pre-training: the token stream cut into full rows; documents may span rows
-
-    @property
-    def is_packed(self) -> bool:
-        """True when a row may hold several samples (position_ids, no attention_mask)."""
-        return self is not PaddingMode.PADDING
-
-    @classmethod
-    def parse(cls, value: str | PaddingMode) -> PaddingMode:
-        """The mode named `value`; the error lists the accepted names."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(
-                f"padding_mode must be one of {[m.value for m in cls]}, got {value!r} (see docs/packing.md)"
-            ) from None
-
-
-def _enum_value(enum: type[Enum], value: Any, name: str) -> str:
-    """The value of setting `name` as a member of `enum`; the error lists the accepted values."""
-    try:
-        return enum(value).value
-    except ValueError:
-        raise ValueError(f"{name} must be one of {[m.value for m in enum]}, got {value!r}") from None
 
 
 @dataclass
@@ -216,7 +165,7 @@ class DataConfig:
             )
         if not isinstance(self.seq_length, int) or self.seq_length <= 0:
             raise ValueError(f"seq_length must be a positive integer, got {self.seq_length!r}")
-        self.overlength_policy = _enum_value(OverlengthPolicy, self.overlength_policy, "overlength_policy")
+        self.overlength_policy = OverlengthPolicy.parse(self.overlength_policy).value
         if self.data_split is None:
             self.data_split = "100,0" if self.valid_data_paths is not None else "98,2"
         _, valid_fraction = parse_data_split(self.data_split)
@@ -228,7 +177,7 @@ class DataConfig:
         RoleMarkers.from_config(self.role_markers)  # validate early, with the same message as later
         check_chat_template_setting(self.chat_template, self.role_markers)
         self.padding_mode = PaddingMode.parse(self.padding_mode).value
-        self.empty_answers = _enum_value(EmptyAnswers, self.empty_answers, "empty_answers")
+        self.empty_answers = EmptyAnswers.parse(self.empty_answers).value
         self._check_record_format()
         SamplingRule.parse(self.task_sampling)  # validate early, with the same message as later
         self.max_samples = parse_max_samples(self.max_samples)

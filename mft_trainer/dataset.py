@@ -31,7 +31,8 @@ from datasets.fingerprint import Hasher
 from .cache import cache_file_for, safe_file_name
 from .collator import DataCollatorForMFT
 from .constants import IGNORE_INDEX
-from .data_config import DataConfig, EmptyAnswers, OverlengthPolicy, PaddingMode
+from .data_config import DataConfig
+from .modes import EmptyAnswers, OverlengthPolicy, PaddingMode
 from .mixture import epoch_indices, identity_plan, max_samples_of, samples_per_epoch, subset_indices
 from .packing import concat_dataset, pack_dataset
 from .reading import TaskRecords, read_task
@@ -43,6 +44,7 @@ from .splitting import split_indices
 from .summary import DatasetSummary, TaskSummary
 from .sources import TaskSources
 from .tasks import TaskRegistry, resolve_task_sources
+from .progress import SMALL_DATA_ROWS, data_progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -156,18 +158,19 @@ def _tokenize_task(
     # result, so a cached file is reused only when nothing changed.
     key = Hasher.hash([_CACHE_FORMAT_VERSION, raw._fingerprint, tokenizer, settings, prompt_format.cache_key(), task_id])
     cache_file = cache_file_for(_cache_dir(config), f"{safe_file_name(name)}-{key}.arrow")
-    return raw.map(
-        _Tokenizer(tokenizer, prompt_format, config, task_id, records),
-        batched=True,
-        batch_size=256,
-        remove_columns=raw.column_names,
-        features=_TOKENIZED_FEATURES,
-        num_proc=config.tokenize_num_proc if config.tokenize_num_proc and len(raw) > 1 else None,
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
-        new_fingerprint=key,
-        desc=f"Tokenizing {name}",
-    )
+    with data_progress_bars(len(raw) >= SMALL_DATA_ROWS):
+        return raw.map(
+            _Tokenizer(tokenizer, prompt_format, config, task_id, records),
+            batched=True,
+            batch_size=256,
+            remove_columns=raw.column_names,
+            features=_TOKENIZED_FEATURES,
+            num_proc=config.tokenize_num_proc if config.tokenize_num_proc and len(raw) > 1 else None,
+            cache_file_name=cache_file,
+            load_from_cache_file=cache_file is not None,
+            new_fingerprint=key,
+            desc=f"Tokenizing {name}",
+        )
 
 
 def _count_and_keep(tokenized: Dataset, summary: TaskSummary) -> Dataset:

@@ -42,7 +42,7 @@ from .records import InvalidRecord, Problem, RecordError
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 from .prompt_format import ChatTemplateMode, build_inference_prompt, get_prompt_format
 from .rendering import RoleMarkers
-from .segments import InferencePrompt, PromptFormat
+from .segments import InferencePrompt, PromptFormat, padding_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -320,8 +320,7 @@ def generate_from_prompts(
     options = options or GenerationOptions()
     prompt_format = prompt_format or get_prompt_format(tokenizer)
     eos_token_id = prompt_format.end_of_turn_token_id
-    # Base tokenizers often have no pad token; any id works, since padded positions are masked out.
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id
+    pad_token_id = padding_token_id(tokenizer, fallback=eos_token_id)
     width = max(len(p.input_ids) for p in prompts)
     # Left padding, so that every row's next token follows its prompt directly.
     input_ids = torch.tensor([[pad_token_id] * (width - len(p.input_ids)) + p.input_ids for p in prompts])  # [B, L]

@@ -15,7 +15,6 @@ All reductions are vectorised and avoid boolean indexing, so they cause no host-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import Mapping, Sequence
 
 import torch
@@ -23,35 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .constants import IGNORE_INDEX
-
-
-class LossMode(str, Enum):
-    """How per-token losses are reduced to the loss of one optimizer step."""
-
-    CASE1 = "case1"  # token mean
-    CASE2 = "case2"  # sample mean (mean of per-sample token means)
-    CASE3 = "case3"  # task-balanced token mean (default)
-    CASE4 = "case4"  # task-balanced sample mean
-    COBA = "coba"  # case3 with weights supplied by the Convergence Balancer
-
-    @classmethod
-    def parse(cls, value: str | LossMode) -> LossMode:
-        """Return the mode for an MFTCoder name ("case3") or a readable alias ("task"), any case.
-
-        Raises:
-            ValueError: if ``value`` is neither a mode name nor an alias; the message lists both.
-        """
-        if isinstance(value, cls):
-            return value
-        key = str(value).strip().lower()
-        aliases = {"token": cls.CASE1, "sample": cls.CASE2, "task": cls.CASE3, "task_sample": cls.CASE4}
-        if key in aliases:
-            return aliases[key]
-        try:
-            return cls(key)
-        except ValueError:
-            accepted = [m.value for m in cls] + list(aliases)
-            raise ValueError(f"unknown loss mode {value!r}; accepted: {', '.join(accepted)}") from None
+from .modes import LossMode
 
 
 def trained_mask(labels: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 from .paths import check_local_path
+from .segments import padding_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +208,7 @@ def load_tokenizer(config: ModelConfig) -> Any:
         config.tokenizer_name_or_path or config.model_name_or_path, trust_remote_code=config.trust_remote_code
     )
     if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token; set eos_token in the data settings")
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token_id = padding_token_id(tokenizer)
     return tokenizer
 
 

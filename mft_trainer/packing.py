@@ -36,6 +36,7 @@ from datasets.fingerprint import Hasher
 from .cache import cache_file_for
 from .constants import IGNORE_INDEX
 from .summary import PackingSummary
+from .progress import SMALL_DATA_ROWS, data_progress_bars
 
 # Bump when the packed layout changes, so that old cache files are not reused.
 _PACK_FORMAT_VERSION = 1
@@ -226,20 +227,21 @@ class _RowBuilder:
 def _build_rows(source: Dataset, plan: _RowPlan, fingerprint: str, cache_dir: Path | None, desc: str) -> Dataset:
     plans = Dataset(plan.table())
     cache_file = cache_file_for(cache_dir, f"rows-{fingerprint}.arrow")
-    return plans.map(
-        _RowBuilder(source),
-        batched=True,
-        # Rows are built as Python lists: 100 rows at a time (and written 100 at a time) keep that
-        # to a few MB; 1000 held ~170 MB more at seq_length 1024.
-        batch_size=100,
-        writer_batch_size=100,
-        remove_columns=plans.column_names,
-        features=_PACKED_FEATURES,
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
-        new_fingerprint=fingerprint,
-        desc=desc,
-    )
+    with data_progress_bars(len(source) >= SMALL_DATA_ROWS):  # samples laid out, not rows
+        return plans.map(
+            _RowBuilder(source),
+            batched=True,
+            # Rows are built as Python lists: 100 rows at a time (and written 100 at a time) keep that
+            # to a few MB; 1000 held ~170 MB more at seq_length 1024.
+            batch_size=100,
+            writer_batch_size=100,
+            remove_columns=plans.column_names,
+            features=_PACKED_FEATURES,
+            cache_file_name=cache_file,
+            load_from_cache_file=cache_file is not None,
+            new_fingerprint=fingerprint,
+            desc=desc,
+        )
 
 
 def _layout(

@@ -36,6 +36,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_da
 from datasets.fingerprint import Hasher
 
 from .cache import cache_file_for, safe_file_name
+from .progress import SMALL_DATA_BYTES, SMALL_DATA_ROWS, data_progress_bars
 from .formats import InputFormat, check_text, decode_json, parse_record
 from .records import InvalidRecord, Problem, RecordError, location
 from .sources import DataSource, SourceKind, find_sources, iter_json_texts
@@ -102,10 +103,11 @@ def _text_dataset(run: list[tuple[int, DataSource]], cache_dir: Path, in_memory:
         stat = os.stat(source.path)
         files.append((index, source.path, source.kind.value, stat.st_size, stat.st_mtime_ns))
     try:
-        return Dataset.from_generator(
-            _text_rows, features=RAW_TEXT_FEATURES, gen_kwargs={"files": files},
-            cache_dir=str(cache_dir), keep_in_memory=in_memory,
-        )
+        with data_progress_bars(sum(size for _, _, _, size, _ in files) >= SMALL_DATA_BYTES):
+            return Dataset.from_generator(
+                _text_rows, features=RAW_TEXT_FEATURES, gen_kwargs={"files": files},
+                cache_dir=str(cache_dir), keep_in_memory=in_memory,
+            )
     except ValueError:
         if next(_text_rows(files), None) is not None:
             raise
@@ -131,10 +133,11 @@ def _table_dataset(source: DataSource, cache_dir: Path, in_memory: bool) -> Data
             source.path, name=source.name, split=source.split, data_files=source.data_files, revision=source.revision
         )
     options = {"encoding": "utf-8-sig"} if source.kind is SourceKind.CSV else {}  # a byte order mark is no column name
-    return datasets.load_dataset(
-        source.kind.value, data_files=[source.path], split="train", cache_dir=str(cache_dir), keep_in_memory=in_memory,
-        **options,
-    )
+    with data_progress_bars(os.path.getsize(source.path) >= SMALL_DATA_BYTES):
+        return datasets.load_dataset(
+            source.kind.value, data_files=[source.path], split="train", cache_dir=str(cache_dir),
+            keep_in_memory=in_memory, **options,
+        )
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -205,19 +208,20 @@ def _validate(
         return Dataset.from_dict({column: [] for column in RECORD_FEATURES}, features=RECORD_FEATURES)
     fingerprint = Hasher.hash([_RECORDS_FORMAT_VERSION, raw._fingerprint, key])
     cache_file = cache_file_for(cache_dir, f"records-{safe_file_name(name)}-{fingerprint}.arrow")
-    return raw.map(
-        validator,
-        batched=True,
-        batch_size=1000,
-        with_indices=validator.table_source is not None,
-        remove_columns=raw.column_names,
-        features=RECORD_FEATURES,
-        num_proc=num_proc if num_proc and len(raw) > 1 else None,
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
-        new_fingerprint=fingerprint,
-        desc=f"Validating {name}",
-    )
+    with data_progress_bars(len(raw) >= SMALL_DATA_ROWS):
+        return raw.map(
+            validator,
+            batched=True,
+            batch_size=1000,
+            with_indices=validator.table_source is not None,
+            remove_columns=raw.column_names,
+            features=RECORD_FEATURES,
+            num_proc=num_proc if num_proc and len(raw) > 1 else None,
+            cache_file_name=cache_file,
+            load_from_cache_file=cache_file is not None,
+            new_fingerprint=fingerprint,
+            desc=f"Validating {name}",
+        )
 
 
 def _read_raw(source: DataSource, read: Any) -> Any:

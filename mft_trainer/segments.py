@@ -115,6 +115,25 @@ def resolve_eos_token_id(tokenizer: Any, eos_token: str | None = None) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def padding_token_id(tokenizer: Any, fallback: int | None = None) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else `fallback` (an end-of-turn id),
+    else its EOS token. Any id serves, since padded positions are masked out (MFTCoder pads with EOS).
+
+    Raises:
+        ValueError: the tokenizer has neither a pad nor an EOS token, and no fallback is given.
+    """
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if fallback is not None:
+        return int(fallback)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    raise ValueError(
+        "the tokenizer has neither a pad nor an EOS token; set eos_token in the data settings, or pass a "
+        "data_collator with a pad_token_id"
+    )
+
+
 def tokenize_segments(
     samples: Sequence[Sequence[Segment]], tokenizer: Any, eos_token_id: int
 ) -> list[dict[str, list[int]]]:

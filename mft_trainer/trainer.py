@@ -44,12 +44,13 @@ import torch
 from accelerate.utils import broadcast
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
 from .attention import check_packing_support
 from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
 from .chunked_loss import OutputHeadLoss
-from .coba import CoBaBalancer, CoBaValidSampling, ValidationStream
+from .coba import CoBaBalancer, ValidationStream
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
 from .constants import IGNORE_INDEX
@@ -63,7 +64,6 @@ from .divergence import (
     uniform_loss_text,
 )
 from .losses import (
-    LossMode,
     LossNormalizers,
     combine_task_sums,
     count_normalizers,
@@ -73,6 +73,9 @@ from .losses import (
     task_loss_sums,
 )
 from .modeling import keep_4bit_weights_trainable
+from .modes import CoBaValidSampling, LossImplementation, LossMode
+from .progress import TrainingProgressCallback
+from .segments import padding_token_id
 from .run_artifacts import COBA_STATE_FILE, GENERATION_CONFIG_FILE, RUN_ARTIFACTS, write_run_config
 from .tasks import TaskRegistry
 
@@ -138,7 +141,9 @@ class MFTTrainer(Trainer):
             # Rows packed by build_mft_dataset carry position_ids; they need the packing collator.
             columns = getattr(train_dataset if train_dataset is not None else eval_dataset, "column_names", None) or []
             padding_mode = "pack" if "position_ids" in columns else "padding"
-            data_collator = DataCollatorForMFT(pad_token_id=_pad_token_id(processing_class), padding_mode=padding_mode)
+            if processing_class is None:
+                raise ValueError("pass processing_class=<tokenizer> (or a data_collator) so that batches can be padded")
+            data_collator = DataCollatorForMFT(pad_token_id=padding_token_id(processing_class), padding_mode=padding_mode)
         super().__init__(
             model=model,
             args=args,
@@ -148,6 +153,10 @@ class MFTTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        # The Trainer's default bar (not a user's own) gives way to one without nested evaluation bars.
+        if any(type(callback) is ProgressCallback for callback in self.callback_handler.callbacks):
+            self.pop_callback(ProgressCallback)
+            self.add_callback(TrainingProgressCallback)
         # The model gets no labels and computes no loss, so the Trainer's own token counting is moot.
         self.model_accepts_loss_kwargs = False
         # Evaluation (and the first step's probe) must not switch 4-bit layers to an inference format.
@@ -762,16 +771,6 @@ def row_tasks(dataset: Any) -> list[int]:
         counts = np.bincount(row["task_ids"][trained], minlength=1)
         tasks.append(int(counts.argmax()))
     return tasks
-
-
-def _pad_token_id(tokenizer: Any) -> int:
-    if tokenizer is None:
-        raise ValueError("pass processing_class=<tokenizer> (or a data_collator) so that batches can be padded")
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)  # padding is masked out, so EOS serves (as in MFTCoder)
-    raise ValueError("the tokenizer has neither a pad nor an EOS token; pass a data_collator with a pad_token_id")
 
 
 class _PaddedDataset(torch.utils.data.Dataset):

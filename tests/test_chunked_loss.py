@@ -13,8 +13,8 @@ from datasets import Dataset
 from mft_trainer import MFTConfig, MFTTrainer, TaskRegistry
 from mft_trainer.chunked_loss import OutputHeadLoss, default_chunk_size, linear_cross_entropy
 from mft_trainer.collator import DataCollatorForMFT
+from mft_trainer.modes import LossMode
 from mft_trainer.losses import (
-    LossMode,
     count_normalizers,
     loss_coefficients,
     per_token_cross_entropy,

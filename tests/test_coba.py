@@ -416,3 +416,10 @@ def test_uniform_validation_sampling_draws_the_tasks_equally_in_training(tmp_pat
     assert len(sample_draws) == 4
     for (rows,) in sample_draws:
         assert sorted(task_of[i] for i in rows) == [0, 1, 2]
+
+
+def test_a_balancer_built_by_hand_rejects_out_of_range_settings():
+    with pytest.raises(ValueError, match=r"out of range: num_tasks=0, history_length=1"):
+        CoBaBalancer(0, history_length=1)
+    with pytest.raises(ValueError, match=r"out of range: tau=nan"):
+        CoBaBalancer(2, tau=math.nan)

@@ -46,3 +46,15 @@ def test_collates_built_dataset_rows(tokenizer, example_task_dirs):
         # Every trained position carries its task id.
         trained = batch["labels"][i] != -100
         assert batch["task_ids"][i][trained].eq(row["task_id"]).all()
+
+
+def test_batches_are_padded_with_the_pad_token_else_the_end_of_turn_else_eos():
+    from types import SimpleNamespace
+
+    from mft_trainer.segments import padding_token_id
+
+    assert padding_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2), fallback=7) == 0  # 0 is a real id
+    assert padding_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2), fallback=7) == 7
+    assert padding_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
+        padding_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))

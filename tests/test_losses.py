@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from mft_trainer.modes import LossMode
 from mft_trainer.losses import (
-    LossMode,
     LossNormalizers,
     combine_task_sums,
     count_normalizers,

@@ -257,7 +257,7 @@ def test_missing_task_keys_and_bad_arguments_are_clear_errors(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"weighted_loss_mode": "case9"}, "unknown loss mode"),
+        ({"weighted_loss_mode": "case9"}, "weighted_loss_mode must be one of case1"),
         ({"weighted_loss_mode": "coba", "coba_warmup_steps": -1}, "coba_warmup_steps must be an integer >= 0"),
         ({"weighted_loss_mode": "case1", "task_weights": {"a": 2.0}}, "task-balanced modes"),
         ({"task_weights": {"a": -1}}, ">= 0"),
@@ -330,3 +330,21 @@ def test_eval_loss_is_the_mode_over_the_whole_set_whatever_the_batch_size(tmp_pa
         metrics = trainer.evaluate()
         assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-6), eval_batch_size
         assert set(k for k in metrics if k.startswith("eval_loss/")) == {"eval_loss/a", "eval_loss/b", "eval_loss/c"}
+
+
+@pytest.mark.parametrize("settings,enabled", [
+    ({}, True),  # on by default, as in MFTCoder
+    ({"gradient_checkpointing": False}, False),  # MFTCoder's name
+    ({"gradient_checkpointing": True}, True),
+    ({"activation_checkpointing": False}, False),  # transformers' new name
+])
+def test_either_checkpointing_name_works_without_a_deprecation_warning(settings, enabled, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*deprecated", category=FutureWarning)
+        args = MFTConfig(output_dir=str(tmp_path), use_cpu=True, **settings)
+    assert args.gradient_checkpointing is enabled
+    assert getattr(args, "activation_checkpointing", enabled) is enabled
+    if enabled:
+        assert (args.gradient_checkpointing_kwargs or {}).get("use_reentrant") is False
