@@ -32,17 +32,10 @@ import typing
 
 from transformers import set_seed
 
-from mft_trainer.inference import (
-    CHAT_COMMANDS,
-    DTYPE_CHOICES,
-    BatchInputError,
-    ChatSession,
-    GenerationOptions,
-    load_model_and_tokenizer,
-    run_batch,
-    run_interactive,
-    saved_prompt_format,
-)
+from mft_trainer.batch_inference import BatchInputError, run_batch
+from mft_trainer.generation import ChatSession, GenerationOptions
+from mft_trainer.model_loading import DTYPE_CHOICES, load_model_and_tokenizer, saved_prompt_format
+from mft_trainer.terminal_chat import CHAT_COMMANDS, run_interactive
 from mft_trainer.rendering import RoleMarkers
 
 logger = logging.getLogger("chat")

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from mft_trainer.chat_template import install_chat_template, is_mft_chat_template
-from mft_trainer.inference import (
+from mft_trainer.model_loading import (
     DTYPE_CHOICES,
     adapter_base_model,
     is_adapter_dir,

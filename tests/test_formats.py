@@ -222,7 +222,7 @@ def without_last_answer(name: str, record: dict) -> dict:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_batch_inference_prompts_of_every_format_are_the_training_prompts(tokenizer, smollm2_tokenizer, name, mode):
     from mft_trainer import build_inference_prompt, render_conversation
-    from mft_trainer.inference import record_messages
+    from mft_trainer.batch_inference import record_messages
 
     tok = tokenizer if mode == "mftcoder" else smollm2_tokenizer
     for record in read_fixture(name):

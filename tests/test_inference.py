@@ -16,15 +16,9 @@ import torch
 
 from mft_trainer import build_inference_prompt, render_conversation
 from mft_trainer.chat_template import install_chat_template
-from mft_trainer.inference import (
-    BatchInputError,
-    ChatSession,
-    GenerationOptions,
-    generate_answers,
-    load_model_and_tokenizer,
-    record_messages,
-    run_batch,
-)
+from mft_trainer.batch_inference import BatchInputError, record_messages, run_batch
+from mft_trainer.generation import ChatSession, GenerationOptions, generate_answers
+from mft_trainer.model_loading import load_model_and_tokenizer
 
 from .conftest import REPO
 from .helpers import tiny_llama, write_jsonl
@@ -333,7 +327,7 @@ def test_chat_script_interactive_mode_keeps_history_until_reset_and_exits(loaded
 def test_single_turn_prompts_are_the_training_prompts(tokenizer):
     """Batch-inference prompts of single-turn records equal the untrained part of the training sample."""
     from mft_trainer import build_inference_prompt, render_conversation
-    from mft_trainer.inference import record_messages
+    from mft_trainer.batch_inference import record_messages
 
     for record in ({"instruction": "Sum.", "input": "[1, 2]", "response": "3", "system": "Be brief."},
                    {"instruction": "Sum.", "input": "[1, 2]", "output": "3"},
@@ -387,7 +381,7 @@ def test_template_mode_prompts_in_the_template_and_stops_at_its_end_of_turn(chat
 def test_echo_writes_a_transcript(loaded):
     import io
 
-    from mft_trainer.inference import run_interactive
+    from mft_trainer.terminal_chat import run_interactive
 
     model, tokenizer = loaded
     out = io.StringIO()
