@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
+from .modeling import resolve_dtype
 from .paths import check_local_path
 from .prompt_format import ChatTemplateMode, get_prompt_format
 from .rendering import RoleMarkers
@@ -29,25 +30,6 @@ from .segments import PromptFormat
 
 ADAPTER_CONFIG = "adapter_config.json"
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
-    """`"auto"` (the checkpoint's dtype), a torch dtype, or its name: float32, bfloat16, float16."""
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}") from None
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
