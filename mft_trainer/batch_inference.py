@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 from .formats import decode_json, prompt_messages
 from .generation import GenerationOptions, generate_from_prompts, resolve_prompt_format
 from .prompt_format import ChatTemplateMode, build_inference_prompt
-from .records import InvalidRecord, Problem, RecordError
+from .records import InvalidRecord, Problem, RecordError, listed_errors
 from .rendering import RoleMarkers
 from .segments import InferencePrompt, PromptFormat
 from .sources import SourceKind, iter_json_texts
@@ -48,7 +48,13 @@ def record_messages(record: Any) -> list[dict[str, str]]:
 
 
 class BatchInputError(ValueError):
-    """A batch-inference file has invalid records; the message lists each with its line."""
+    """A batch-inference file has invalid records (`errors`); the message lists them with their lines."""
+
+    def __init__(self, path: str | os.PathLike, errors: Sequence[RecordError]):
+        self.errors = list(errors)
+        super().__init__(
+            f"{len(self.errors)} invalid record(s) in {path}; nothing was generated:\n{listed_errors(self.errors)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -90,9 +96,7 @@ def read_batch_requests(
         except InvalidRecord as e:
             errors.append(RecordError(str(path), line, e.problem, str(e)))
     if errors:
-        listed = "\n".join(f"  {e}" for e in errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise BatchInputError(f"{len(errors)} invalid record(s) in {path}; nothing was generated:\n{listed}{more}")
+        raise BatchInputError(path, errors)
     return requests
 
 
