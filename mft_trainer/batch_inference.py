@@ -24,27 +24,13 @@ from typing import Any
 
 from .formats import decode_json, prompt_messages
 from .generation import GenerationOptions, generate_from_prompts, resolve_prompt_format
-from .prompt_format import ChatTemplateMode, build_inference_prompt
+from .prompt_format import ChatTemplateMode
 from .records import InvalidRecord, Problem, RecordError, listed_errors
 from .rendering import RoleMarkers
 from .segments import InferencePrompt, PromptFormat
 from .sources import SourceKind, iter_json_texts
 
 logger = logging.getLogger(__name__)
-
-
-def record_messages(record: Any) -> list[dict[str, str]]:
-    """The prompt turns of a batch-inference record, in any record format's prompt form
-    (`mft_trainer.formats.prompt_messages`): a `chat_rounds`, `messages` or `conversations` list
-    ending with a user turn, a `prompt` list of messages, or a single-turn prompt with one of the keys
-    prompt, instruction, question, query or input (and an optional `system`); `instruction` +
-    `input` are joined with a blank line as in training (Alpaca). Other keys (ids, reference
-    answers) are ignored here and kept in the output.
-
-    Raises:
-        InvalidRecord: no prompt, several candidate prompts, or turns that are not a valid prompt.
-    """
-    return [{"role": m.role, "content": m.content} for m in prompt_messages(record)]
 
 
 class BatchInputError(ValueError):
@@ -86,7 +72,7 @@ def read_batch_requests(
             if problem is not None:
                 raise InvalidRecord(Problem.MALFORMED_JSON, problem)
             decoded = decode_json(raw)
-            prompt = build_inference_prompt(record_messages(decoded), tokenizer, chat_template=prompt_format)
+            prompt = prompt_format.inference_prompt(prompt_messages(decoded), tokenizer)
             if output_key in decoded:
                 raise InvalidRecord(
                     Problem.AMBIGUOUS_FORMAT,

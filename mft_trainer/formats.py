@@ -72,8 +72,8 @@ SINGLE_TURN_KEYS: tuple[tuple[str, str], ...] = (
     ("input", "output"),
 )
 _ALPACA_PAIRS = {("instruction", "output"), ("input", "output")}
-# The prompt keys of the single-turn formats, in the order batch inference tries them.
-PROMPT_KEYS = ("prompt", "instruction", "question", "query", "input")
+# The prompt keys of the single-turn formats: a prompt record (batch inference) is one without its answer.
+PROMPT_KEYS: tuple[str, ...] = tuple(dict.fromkeys(prompt for prompt, _ in SINGLE_TURN_KEYS))
 
 _EXPECTED_FORMATS = (
     "a 'chat_rounds', 'messages' or 'conversations' list, a 'text' string, 'prompt' and 'completion', or one of the "

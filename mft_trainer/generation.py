@@ -183,7 +183,8 @@ def generate_answers(
 
     Args:
         conversations: lists of `{"role", "content"}` turns ending with a user turn (roles as in
-            `chat_rounds`), or records with a `chat_rounds` key.
+            `chat_rounds`), or records in any record format without their answer (as
+            `build_inference_prompt` reads them).
         options: decoding options (default greedy, 512 new tokens).
         role_markers, eos_token, chat_template: the prompt format, as in training (`DataConfig`); the
             defaults are MFTCoder's markers and the tokenizer's EOS. `chat_template` may also be a

@@ -16,7 +16,7 @@ import torch
 
 from mft_trainer import build_inference_prompt, render_conversation
 from mft_trainer.chat_template import install_chat_template
-from mft_trainer.batch_inference import BatchInputError, record_messages, run_batch
+from mft_trainer.batch_inference import BatchInputError, run_batch
 from mft_trainer.generation import ChatSession, GenerationOptions, generate_answers
 from mft_trainer.model_loading import load_model_and_tokenizer
 
@@ -208,14 +208,14 @@ def test_chat_session_drops_a_round_with_an_empty_answer(loaded):
     chat.prompt("next")  # and the conversation can go on
 
 
-def test_record_messages_match_training_prompts(tokenizer):
+def test_prompt_records_match_training_prompts(tokenizer):
     for record, answer_key in [
         ({"instruction": "Sum.", "input": "[1, 2]"}, "output"),
         ({"system": "Be brief.", "prompt": "Q"}, "answer"),
         ({"question": "Q", "system": ""}, "answer"),
         ({"input": "x"}, "output"),
     ]:
-        prompt = build_inference_prompt(record_messages(record), tokenizer)
+        prompt = build_inference_prompt(record, tokenizer)
         trained = render_conversation({**record, answer_key: "A"}, tokenizer)
         assert trained["input_ids"][: len(prompt.input_ids)] == prompt.input_ids, record
         assert trained["input_ids"][len(prompt.input_ids):] == tokenizer.encode("A\n") + [EOS], record
@@ -234,7 +234,7 @@ def test_batch_inference_writes_one_answer_per_record_in_order(loaded, tmp_path)
     count = run_batch(model, tokenizer, source, tmp_path / "out" / "answers.jsonl", SHORT, batch_size=2)
     assert count == 5
     written = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
-    expected = generate_answers(model, tokenizer, [record_messages(r) for r in records], SHORT)
+    expected = generate_answers(model, tokenizer, records, SHORT)
     assert [{k: v for k, v in w.items() if k != "generated"} for w in written] == records
     assert [w["generated"] for w in written] == [g.text for g in expected]
 
@@ -288,10 +288,10 @@ def test_chat_script_batch_mode_with_a_lora_adapter(loaded, tmp_path, monkeypatc
     ])
     assert code == 0
     written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    expected = generate_answers(peft_model.eval(), tokenizer, [record_messages(r) for r in records], SHORT)
+    expected = generate_answers(peft_model.eval(), tokenizer, records, SHORT)
     assert [w["generated"] for w in written] == [g.text for g in expected]
     # The adapter changes the answers: the script really loaded it on top of the base.
-    assert expected != generate_answers(model, tokenizer, [record_messages(r) for r in records], SHORT)
+    assert expected != generate_answers(model, tokenizer, records, SHORT)
 
 
 def test_chat_script_interactive_mode_keeps_history_until_reset_and_exits(loaded, model_dir):
@@ -327,13 +327,12 @@ def test_chat_script_interactive_mode_keeps_history_until_reset_and_exits(loaded
 def test_single_turn_prompts_are_the_training_prompts(tokenizer):
     """Batch-inference prompts of single-turn records equal the untrained part of the training sample."""
     from mft_trainer import build_inference_prompt, render_conversation
-    from mft_trainer.batch_inference import record_messages
 
     for record in ({"instruction": "Sum.", "input": "[1, 2]", "response": "3", "system": "Be brief."},
                    {"instruction": "Sum.", "input": "[1, 2]", "output": "3"},
                    {"question": "Why?", "answer": "Because.", "system": ""}):
         trained = render_conversation(record, tokenizer)
-        prompt = build_inference_prompt(record_messages(record), tokenizer)
+        prompt = build_inference_prompt(record, tokenizer)
         first_trained = next(i for i, label in enumerate(trained["labels"]) if label != -100)
         assert trained["input_ids"][:first_trained] == prompt.input_ids, record
 
