@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from .records import InvalidRecord, Message, Problem, Record, RecordFormat, check_content, parse_turns
+from .records import InvalidRecord, Message, Problem, Record, RecordFormat, canonical_role, check_content, parse_turns
 
 
 class InputFormat(str, Enum):
@@ -146,7 +146,7 @@ def _conversation_system(record: Mapping[str, Any], turns: Any) -> list[Message]
     check_content(system, "'system'")
     first = turns[0] if isinstance(turns, (list, tuple)) and turns else None
     first_role = (first.get("role") or first.get("from")) if isinstance(first, Mapping) else None
-    if isinstance(first_role, str) and first_role.strip().lower() == "system":
+    if canonical_role(first_role) == "system":
         raise InvalidRecord(
             Problem.AMBIGUOUS_FORMAT, "record has both a 'system' field and a first system turn; keep one of them"
         )

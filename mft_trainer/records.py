@@ -65,6 +65,16 @@ _TOOL_ROLES = {"tool", "function", "ipython", "observation", "function_call", "t
 TURN_KEYS: tuple[tuple[str, str], ...] = (("role", "content"), ("from", "value"))
 
 
+def canonical_role(spelling: Any) -> str | None:
+    """The role ("system", "user" or "assistant") a spelling means, in any case and with spaces
+    around it; None for anything else (unknown roles, tool roles, non-strings).
+
+    >>> canonical_role(" Human"), canonical_role("gpt"), canonical_role("tool")
+    ('user', 'assistant', None)
+    """
+    return ROLE_ALIASES.get(spelling.strip().lower()) if isinstance(spelling, str) else None
+
+
 @dataclass(frozen=True)
 class Message:
     """One turn. `trained` is False only for assistant turns that are context, not targets (the
@@ -239,7 +249,7 @@ def parse_turns(
     for index, turn in enumerate(turns):
         where = names(index)
         raw_role, raw_content = _turn_role_and_content(turn, where)
-        role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
+        role = canonical_role(raw_role)
         if role is None:
             tool = isinstance(raw_role, str) and raw_role.strip().lower() in _TOOL_ROLES
             raise InvalidRecord(
