@@ -324,6 +324,44 @@ def test_chat_script_interactive_mode_keeps_history_until_reset_and_exits(loaded
     )
 
 
+@pytest.mark.parametrize("generated_text,stops,shown", [
+    ("", True, "(empty answer: the model ended its turn at once)"),
+    ("\n\n\n", False, "(empty answer: 3 whitespace character(s)) [cut short: max_new_tokens reached]"),
+], ids=["eos_at_once", "whitespace"])
+def test_an_empty_answer_is_one_line_on_the_terminal_and_empty_in_batch_output(
+    loaded, monkeypatch, tmp_path, generated_text, stops, shown
+):
+    import io
+
+    from mft_trainer.terminal_chat import run_interactive
+
+    model, tokenizer = loaded
+    generated = tokenizer.encode(generated_text, add_special_tokens=False) + ([EOS] if stops else [])
+    monkeypatch.setattr(model, "generate", lambda input_ids, **kw: torch.cat(
+        [input_ids, torch.tensor([generated] * input_ids.shape[0])], dim=1))
+    for echo, expected in ((False, f"{shown}\n\n"), (True, f"user> q\nmodel> {shown}\n\n")):
+        out = io.StringIO()
+        run_interactive(ChatSession(model, tokenizer, SHORT), ["q\n"], out, echo=echo)
+        assert out.getvalue() == expected
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q"}])
+    run_batch(model, tokenizer, source, tmp_path / "out.jsonl", SHORT)
+    assert json.loads((tmp_path / "out.jsonl").read_text())["generated"] == generated_text  # the real text
+
+
+def test_chat_script_says_when_an_answer_is_empty(loaded, model_dir, monkeypatch, capsys):
+    import io
+
+    model, tokenizer = loaded
+    first_token = generate_answers(model, tokenizer, [[{"role": "user", "content": "q"}]], SHORT)[0].token_ids[0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("q\n"))
+    code = run_chat_in_process(monkeypatch, [  # the model's first token is now its end of turn
+        "--model", model_dir, "--max_new_tokens", 6, "--dtype", "float32", "--device", "cpu", "--echo",
+        "--eos_token", tokenizer.convert_ids_to_tokens(first_token),
+    ])
+    assert code == 0
+    assert capsys.readouterr().out == "user> q\nmodel> (empty answer: the model ended its turn at once)\n\n"
+
+
 def test_single_turn_prompts_are_the_training_prompts(tokenizer):
     """Batch-inference prompts of single-turn records equal the untrained part of the training sample."""
     from mft_trainer import build_inference_prompt, render_conversation
