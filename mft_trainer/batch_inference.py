@@ -1,9 +1,9 @@
 """Batch inference, jsonl -> jsonl: every record of a file answered, prompted exactly as in training.
 
-Each input record holds a prompt in any record format's prompt form (`mft_trainer.formats.prompt_messages`):
-a `chat_rounds`, `messages` or `conversations` list ending with a user turn, a `prompt` list of
-messages, or a single-turn prompt (prompt, instruction, question, query or input, and an optional
-`system`). Every record is checked before anything is generated; the output is each record, in
+Each input record is a record of any format without its answer, read by
+`mft_trainer.formats.prompt_messages`: a `chat_rounds`, `messages` or `conversations` list ending
+with a user turn, a `prompt` list of messages, or a single-turn prompt (prompt, instruction,
+question, query or input, and an optional `system`). Every record is checked before anything is generated; the output is each record, in
 input order, plus `{output_key: answer}` (the answer's text as generated, empty or not).
 `scripts/chat.py --input ... --output ...` runs it.
 
