@@ -17,7 +17,8 @@ from .collator import DataCollatorForMFT
 from .config import MFTConfig
 from .data_config import DataConfig
 from .dataset import MFTDataset, build_mft_dataset
-from .inference import ChatSession, Generation, GenerationOptions, generate_answers, load_model_and_tokenizer
+from .generation import ChatSession, Generation, GenerationOptions, generate_answers
+from .model_loading import load_model_and_tokenizer
 from .modes import EmptyAnswers, LossImplementation, LossMode, OverlengthPolicy, PaddingMode
 from .formats import InputFormat, parse_record
 from .records import DataValidationError, InvalidRecord, Problem, RecordError

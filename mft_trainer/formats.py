@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from .records import InvalidRecord, Message, Problem, Record, RecordFormat, check_content, parse_turns
+from .records import InvalidRecord, Message, Problem, Record, RecordFormat, canonical_role, check_content, parse_turns
 
 
 class InputFormat(str, Enum):
@@ -72,8 +72,8 @@ SINGLE_TURN_KEYS: tuple[tuple[str, str], ...] = (
     ("input", "output"),
 )
 _ALPACA_PAIRS = {("instruction", "output"), ("input", "output")}
-# The prompt keys of the single-turn formats, in the order batch inference tries them.
-PROMPT_KEYS = ("prompt", "instruction", "question", "query", "input")
+# The prompt keys of the single-turn formats: a prompt record (batch inference) is one without its answer.
+PROMPT_KEYS: tuple[str, ...] = tuple(dict.fromkeys(prompt for prompt, _ in SINGLE_TURN_KEYS))
 
 _EXPECTED_FORMATS = (
     "a 'chat_rounds', 'messages' or 'conversations' list, a 'text' string, 'prompt' and 'completion', or one of the "
@@ -146,7 +146,7 @@ def _conversation_system(record: Mapping[str, Any], turns: Any) -> list[Message]
     check_content(system, "'system'")
     first = turns[0] if isinstance(turns, (list, tuple)) and turns else None
     first_role = (first.get("role") or first.get("from")) if isinstance(first, Mapping) else None
-    if isinstance(first_role, str) and first_role.strip().lower() == "system":
+    if canonical_role(first_role) == "system":
         raise InvalidRecord(
             Problem.AMBIGUOUS_FORMAT, "record has both a 'system' field and a first system turn; keep one of them"
         )

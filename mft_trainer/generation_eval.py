@@ -36,7 +36,7 @@ import torch
 from transformers import TrainerCallback
 
 from .code_execution import run_programs
-from .inference import GenerationOptions, generate_answers
+from .generation import GenerationOptions, generate_answers
 from .formats import decode_json, parse_record
 from .sources import iter_text_lines
 

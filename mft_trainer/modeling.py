@@ -30,7 +30,36 @@ class PeftType(str, Enum):
     QLORA = "qlora"  # LoRA over a 4-bit (NF4) or 8-bit quantized base
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The weight dtypes a setting may name (training's ModelConfig.dtype, scripts' --dtype), with their
+# short spellings; "auto" is left to the caller (the checkpoint's dtype, or the device's best).
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """`"auto"`, a torch dtype, or a dtype's name (float32, bfloat16, float16, or fp32, bf16, fp16).
+
+    >>> resolve_dtype("bf16"), resolve_dtype("auto")
+    (torch.bfloat16, 'auto')
+
+    Raises:
+        ValueError: any other name, with the names accepted.
+    """
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"dtype must be one of {', '.join(DTYPE_CHOICES)} (or fp32, bf16, fp16), got {dtype!r}"
+        ) from None
 
 
 @dataclass
@@ -128,8 +157,7 @@ class ModelConfig:
             self.peft_type = PeftType(str(self.peft_type or "none").lower()).value
         except ValueError:
             raise ValueError(f"peft_type must be one of {[p.value for p in PeftType]}, got {self.peft_type!r}") from None
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}")
+        resolve_dtype(self.dtype)  # a name that is no dtype fails here, before anything loads
         if self.peft_type == PeftType.QLORA.value:
             self.quantization = self.quantization or "4bit"
             if self.quantization not in ("4bit", "8bit"):
@@ -162,7 +190,7 @@ class ModelConfig:
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+            return resolve_dtype(self.dtype)
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32

@@ -33,7 +33,7 @@ from datasets import Dataset
 from .constants import IGNORE_INDEX
 from .prompt_format import check_chat_template_setting, get_prompt_format
 from .formats import decode_json
-from .records import DataValidationError, InvalidRecord, Message, Problem, RecordError, parse_messages
+from .records import DataValidationError, InvalidRecord, Message, Problem, RecordError, canonical_role, parse_messages
 from .sources import iter_text_lines
 from .segments import PromptFormat, tokenize_segments
 from .splitting import parse_data_split, split_indices
@@ -82,7 +82,7 @@ class PreferenceDataConfig:
 def _answer(value: Any, key: str) -> str:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], Mapping):
         message = value[0]
-        if str(message.get("role", "")).lower() not in ("assistant", "bot", "gpt"):
+        if canonical_role(message.get("role")) != "assistant":
             raise InvalidRecord(Problem.UNKNOWN_ROLE, f"'{key}' must be an assistant message, got role {message.get('role')!r}")
         value = message.get("content")
     if not isinstance(value, str) or not value.strip():

@@ -21,7 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .formats import parse_record
+from .formats import parse_record, prompt_messages
 from .records import parse_messages
 from .rendering import MFTCoderFormat, RoleMarkers
 from .segments import InferencePrompt, PromptFormat, resolve_eos_token_id, tokenize_segments
@@ -142,14 +142,17 @@ def build_inference_prompt(
     '<s>human\\nhi\\n<s>bot\\n'
 
     Args:
-        messages: the turns (`[{"role", "content"}, ...]`, roles as in `chat_rounds`), or a record
-            with a `chat_rounds`, `messages` or `conversations` list.
+        messages: the turns (`[{"role", "content"}, ...]`, roles as in `chat_rounds`), or a record in
+            any record format without its answer, read by `mft_trainer.formats.prompt_messages` (a
+            `chat_rounds`, `messages` or `conversations` list ending with a user turn, a single-turn
+            prompt such as `{"instruction": ..., "input": ...}`, ...), as batch inference reads it.
         chat_template: the prompt format (module docstring), or a `PromptFormat` already built
             (then role_markers and eos_token are not used).
     """
     if isinstance(messages, Mapping):
-        messages = next((messages[k] for k in ("chat_rounds", "messages", "conversations") if k in messages), None)
-    parsed = parse_messages(list(messages) if messages is not None else None, last_role="user")
+        parsed = prompt_messages(messages)
+    else:
+        parsed = parse_messages(list(messages) if messages is not None else None, last_role="user")
     fmt = chat_template if isinstance(chat_template, PromptFormat) else get_prompt_format(
         tokenizer, chat_template, role_markers, eos_token
     )

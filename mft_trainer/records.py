@@ -65,6 +65,16 @@ _TOOL_ROLES = {"tool", "function", "ipython", "observation", "function_call", "t
 TURN_KEYS: tuple[tuple[str, str], ...] = (("role", "content"), ("from", "value"))
 
 
+def canonical_role(spelling: Any) -> str | None:
+    """The role ("system", "user" or "assistant") a spelling means, in any case and with spaces
+    around it; None for anything else (unknown roles, tool roles, non-strings).
+
+    >>> canonical_role(" Human"), canonical_role("gpt"), canonical_role("tool")
+    ('user', 'assistant', None)
+    """
+    return ROLE_ALIASES.get(spelling.strip().lower()) if isinstance(spelling, str) else None
+
+
 @dataclass(frozen=True)
 class Message:
     """One turn. `trained` is False only for assistant turns that are context, not targets (the
@@ -133,19 +143,33 @@ class RecordError:
         return f"{location(self.path, self.line, self.unit)}: {self.message}"
 
 
+# An error message lists this many invalid records and counts the rest: a file broken throughout
+# (a wrong format, a bad export) would otherwise print every one of its lines.
+MAX_LISTED_ERRORS = 20
+
+
+def listed_errors(errors: Sequence[RecordError], total: int | None = None) -> str:
+    """The first `MAX_LISTED_ERRORS` errors, one per indented line, then how many more there are of
+    `total` (default: all of `errors`), for an error message.
+
+    >>> print(listed_errors([RecordError("a.jsonl", 3, Problem.EMPTY_CONTENT, "'prompt' is empty")], total=25))
+      a.jsonl:3: 'prompt' is empty
+      ... and 24 more
+    """
+    total = len(errors) if total is None else total
+    listed = "\n".join(f"  {e}" for e in errors[:MAX_LISTED_ERRORS])
+    more = total - min(len(errors), MAX_LISTED_ERRORS)
+    return listed + (f"\n  ... and {more} more" if more > 0 else "")
+
+
 class DataValidationError(ValueError):
     """Raised when task data has invalid records (and skipping them was not asked for)."""
-
-    MAX_LISTED = 20
 
     def __init__(self, errors: Sequence[RecordError], total: int | None = None):
         self.errors = list(errors)
         self.total = len(self.errors) if total is None else total
-        listed = "\n".join(f"  {e}" for e in self.errors[: self.MAX_LISTED])
-        more = self.total - min(len(self.errors), self.MAX_LISTED)
-        tail = f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(
-            f"{self.total} invalid record(s) in the task data:\n{listed}{tail}\n"
+            f"{self.total} invalid record(s) in the task data:\n{listed_errors(self.errors, self.total)}\n"
             "Fix these lines, or set skip_invalid_records=True to skip invalid records "
             "(they are then counted per task and reason in the dataset summary)."
         )
@@ -225,7 +249,7 @@ def parse_turns(
     for index, turn in enumerate(turns):
         where = names(index)
         raw_role, raw_content = _turn_role_and_content(turn, where)
-        role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
+        role = canonical_role(raw_role)
         if role is None:
             tool = isinstance(raw_role, str) and raw_role.strip().lower() in _TOOL_ROLES
             raise InvalidRecord(

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .records import Message, Record
+from .records import ROLE_ALIASES, ROLE_SPELLINGS, Message, Record
 from .segments import PromptFormat, Segment
 
 
@@ -37,26 +37,25 @@ class RoleMarkers:
 
     @classmethod
     def from_config(cls, value: RoleMarkers | Mapping[str, str] | None) -> RoleMarkers:
-        """Accept None (defaults), a RoleMarkers, or a mapping with keys system/user/assistant
-        (human and bot are accepted as spellings of user and assistant)."""
+        """Accept None (defaults), a RoleMarkers, or a mapping with keys system/user/assistant (any
+        spelling the data accepts: human for user, bot or gpt for assistant; `records.ROLE_ALIASES`)."""
         if value is None:
             return cls()
         if isinstance(value, RoleMarkers):
             return value
         if not isinstance(value, Mapping):
             raise TypeError(f"role_markers must be a mapping with keys system/user/assistant, got {value!r}")
-        spellings = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "bot": "assistant"}
-        unknown = sorted(set(value) - set(spellings))
+        unknown = sorted(key for key in value if key not in ROLE_ALIASES)
         if unknown:
             raise ValueError(
-                f"role_markers has unknown key(s) {unknown}; expected system, user (or human), assistant (or bot), "
-                'e.g. {"system": "<s>system\\n", "user": "<s>human\\n", "assistant": "<s>bot\\n"}'
+                f"role_markers has unknown key(s) {unknown}; expected system, user, assistant (spelled as in the data: "
+                f'{ROLE_SPELLINGS}), e.g. {{"system": "<s>system\\n", "user": "<s>human\\n", "assistant": "<s>bot\\n"}}'
             )
         markers = {}
         for key, marker in value.items():
             if not isinstance(marker, str):
                 raise TypeError(f"role_markers[{key!r}] must be a string, got {marker!r}")
-            markers[spellings[key]] = marker
+            markers[ROLE_ALIASES[key]] = marker
         return cls(**markers)
 
     def to_dict(self) -> dict[str, str]:

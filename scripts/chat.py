@@ -15,7 +15,8 @@ single-turn prompts with one of the keys prompt, instruction, question, query or
 optional system). Every record is checked before anything is generated.
 
 Interactive mode reads one question per line and keeps the conversation: /reset forgets it, /exit
-(or end of input) quits. `--show_prompt` prints each full prompt first (to stderr), to see exactly
+(or end of input) quits. An empty answer is shown as one line that says so (batch output keeps it
+as the empty string). `--show_prompt` prints each full prompt first (to stderr), to see exactly
 what the model is given. The prompt format is the one the model was trained in: the chat_template
 (role_markers, eos_token) of the run_config.yaml that train.py saves beside the model, or, without
 one, the saved tokenizer's own template (MFTCoder's format when it has MFTCoder's template or none).
@@ -32,17 +33,11 @@ import typing
 
 from transformers import set_seed
 
-from mft_trainer.inference import (
-    CHAT_COMMANDS,
-    DTYPE_CHOICES,
-    BatchInputError,
-    ChatSession,
-    GenerationOptions,
-    load_model_and_tokenizer,
-    run_batch,
-    run_interactive,
-    saved_prompt_format,
-)
+from mft_trainer.batch_inference import BatchInputError, run_batch
+from mft_trainer.generation import ChatSession, GenerationOptions
+from mft_trainer.model_loading import load_model_and_tokenizer, saved_prompt_format
+from mft_trainer.modeling import DTYPE_CHOICES
+from mft_trainer.terminal_chat import CHAT_COMMANDS, run_interactive
 from mft_trainer.rendering import RoleMarkers
 
 logger = logging.getLogger("chat")

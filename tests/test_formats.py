@@ -222,12 +222,11 @@ def without_last_answer(name: str, record: dict) -> dict:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_batch_inference_prompts_of_every_format_are_the_training_prompts(tokenizer, smollm2_tokenizer, name, mode):
     from mft_trainer import build_inference_prompt, render_conversation
-    from mft_trainer.inference import record_messages
 
     tok = tokenizer if mode == "mftcoder" else smollm2_tokenizer
     for record in read_fixture(name):
         trained = render_conversation(record, tok, chat_template=mode)
-        prompt = build_inference_prompt(record_messages(without_last_answer(name, record)), tok, chat_template=mode)
+        prompt = build_inference_prompt(without_last_answer(name, record), tok, chat_template=mode)
         n = len(prompt.input_ids)
         assert trained["input_ids"][:n] == prompt.input_ids, record
         assert trained["labels"][n - 1] == IGNORE_INDEX and trained["labels"][n] != IGNORE_INDEX  # the answer starts

@@ -16,15 +16,9 @@ import torch
 
 from mft_trainer import build_inference_prompt, render_conversation
 from mft_trainer.chat_template import install_chat_template
-from mft_trainer.inference import (
-    BatchInputError,
-    ChatSession,
-    GenerationOptions,
-    generate_answers,
-    load_model_and_tokenizer,
-    record_messages,
-    run_batch,
-)
+from mft_trainer.batch_inference import BatchInputError, run_batch
+from mft_trainer.generation import ChatSession, GenerationOptions, generate_answers
+from mft_trainer.model_loading import load_model_and_tokenizer
 
 from .conftest import REPO
 from .helpers import tiny_llama, write_jsonl
@@ -214,14 +208,14 @@ def test_chat_session_drops_a_round_with_an_empty_answer(loaded):
     chat.prompt("next")  # and the conversation can go on
 
 
-def test_record_messages_match_training_prompts(tokenizer):
+def test_prompt_records_match_training_prompts(tokenizer):
     for record, answer_key in [
         ({"instruction": "Sum.", "input": "[1, 2]"}, "output"),
         ({"system": "Be brief.", "prompt": "Q"}, "answer"),
         ({"question": "Q", "system": ""}, "answer"),
         ({"input": "x"}, "output"),
     ]:
-        prompt = build_inference_prompt(record_messages(record), tokenizer)
+        prompt = build_inference_prompt(record, tokenizer)
         trained = render_conversation({**record, answer_key: "A"}, tokenizer)
         assert trained["input_ids"][: len(prompt.input_ids)] == prompt.input_ids, record
         assert trained["input_ids"][len(prompt.input_ids):] == tokenizer.encode("A\n") + [EOS], record
@@ -240,7 +234,7 @@ def test_batch_inference_writes_one_answer_per_record_in_order(loaded, tmp_path)
     count = run_batch(model, tokenizer, source, tmp_path / "out" / "answers.jsonl", SHORT, batch_size=2)
     assert count == 5
     written = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
-    expected = generate_answers(model, tokenizer, [record_messages(r) for r in records], SHORT)
+    expected = generate_answers(model, tokenizer, records, SHORT)
     assert [{k: v for k, v in w.items() if k != "generated"} for w in written] == records
     assert [w["generated"] for w in written] == [g.text for g in expected]
 
@@ -294,10 +288,10 @@ def test_chat_script_batch_mode_with_a_lora_adapter(loaded, tmp_path, monkeypatc
     ])
     assert code == 0
     written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    expected = generate_answers(peft_model.eval(), tokenizer, [record_messages(r) for r in records], SHORT)
+    expected = generate_answers(peft_model.eval(), tokenizer, records, SHORT)
     assert [w["generated"] for w in written] == [g.text for g in expected]
     # The adapter changes the answers: the script really loaded it on top of the base.
-    assert expected != generate_answers(model, tokenizer, [record_messages(r) for r in records], SHORT)
+    assert expected != generate_answers(model, tokenizer, records, SHORT)
 
 
 def test_chat_script_interactive_mode_keeps_history_until_reset_and_exits(loaded, model_dir):
@@ -330,16 +324,53 @@ def test_chat_script_interactive_mode_keeps_history_until_reset_and_exits(loaded
     )
 
 
+@pytest.mark.parametrize("generated_text,stops,shown", [
+    ("", True, "(empty answer: the model ended its turn at once)"),
+    ("\n\n\n", False, "(empty answer: 3 whitespace character(s)) [cut short: max_new_tokens reached]"),
+], ids=["eos_at_once", "whitespace"])
+def test_an_empty_answer_is_one_line_on_the_terminal_and_empty_in_batch_output(
+    loaded, monkeypatch, tmp_path, generated_text, stops, shown
+):
+    import io
+
+    from mft_trainer.terminal_chat import run_interactive
+
+    model, tokenizer = loaded
+    generated = tokenizer.encode(generated_text, add_special_tokens=False) + ([EOS] if stops else [])
+    monkeypatch.setattr(model, "generate", lambda input_ids, **kw: torch.cat(
+        [input_ids, torch.tensor([generated] * input_ids.shape[0])], dim=1))
+    for echo, expected in ((False, f"{shown}\n\n"), (True, f"user> q\nmodel> {shown}\n\n")):
+        out = io.StringIO()
+        run_interactive(ChatSession(model, tokenizer, SHORT), ["q\n"], out, echo=echo)
+        assert out.getvalue() == expected
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q"}])
+    run_batch(model, tokenizer, source, tmp_path / "out.jsonl", SHORT)
+    assert json.loads((tmp_path / "out.jsonl").read_text())["generated"] == generated_text  # the real text
+
+
+def test_chat_script_says_when_an_answer_is_empty(loaded, model_dir, monkeypatch, capsys):
+    import io
+
+    model, tokenizer = loaded
+    first_token = generate_answers(model, tokenizer, [[{"role": "user", "content": "q"}]], SHORT)[0].token_ids[0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("q\n"))
+    code = run_chat_in_process(monkeypatch, [  # the model's first token is now its end of turn
+        "--model", model_dir, "--max_new_tokens", 6, "--dtype", "float32", "--device", "cpu", "--echo",
+        "--eos_token", tokenizer.convert_ids_to_tokens(first_token),
+    ])
+    assert code == 0
+    assert capsys.readouterr().out == "user> q\nmodel> (empty answer: the model ended its turn at once)\n\n"
+
+
 def test_single_turn_prompts_are_the_training_prompts(tokenizer):
     """Batch-inference prompts of single-turn records equal the untrained part of the training sample."""
     from mft_trainer import build_inference_prompt, render_conversation
-    from mft_trainer.inference import record_messages
 
     for record in ({"instruction": "Sum.", "input": "[1, 2]", "response": "3", "system": "Be brief."},
                    {"instruction": "Sum.", "input": "[1, 2]", "output": "3"},
                    {"question": "Why?", "answer": "Because.", "system": ""}):
         trained = render_conversation(record, tokenizer)
-        prompt = build_inference_prompt(record_messages(record), tokenizer)
+        prompt = build_inference_prompt(record, tokenizer)
         first_trained = next(i for i, label in enumerate(trained["labels"]) if label != -100)
         assert trained["input_ids"][:first_trained] == prompt.input_ids, record
 
@@ -387,7 +418,7 @@ def test_template_mode_prompts_in_the_template_and_stops_at_its_end_of_turn(chat
 def test_echo_writes_a_transcript(loaded):
     import io
 
-    from mft_trainer.inference import run_interactive
+    from mft_trainer.terminal_chat import run_interactive
 
     model, tokenizer = loaded
     out = io.StringIO()

@@ -9,7 +9,7 @@ import transformers
 
 import mft_trainer
 import mft_trainer.modeling
-from mft_trainer.inference import load_model_and_tokenizer
+from mft_trainer.model_loading import load_model_and_tokenizer
 from mft_trainer.modeling import ModelConfig, load_model, load_tokenizer
 from mft_trainer.paths import check_local_path, looks_local
 

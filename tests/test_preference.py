@@ -56,6 +56,17 @@ def test_bad_comparisons_name_file_and_line(tmp_path, tokenizer):
     assert f"{path}:3: 'chosen' must be a non-empty string" in message
 
 
+def test_an_answer_given_as_one_message_is_an_assistant_turn_in_any_spelling():
+    from mft_trainer.preference import parse_preference
+    from mft_trainer.records import InvalidRecord
+
+    for role in ("assistant", "bot", "GPT", " Assistant"):
+        _, chosen, _ = parse_preference({"prompt": "q", "chosen": [{"role": role, "content": "a"}], "rejected": "b"})
+        assert chosen == "a"
+    with pytest.raises(InvalidRecord, match="'chosen' must be an assistant message, got role 'user'"):
+        parse_preference({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"})
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("base")
