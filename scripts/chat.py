@@ -31,6 +31,7 @@ import logging
 import sys
 import typing
 
+import mft_trainer  # noqa: F401  (first: it silences dependency messages no user can act on)
 from transformers import set_seed
 
 from mft_trainer.batch_inference import BatchInputError, run_batch
