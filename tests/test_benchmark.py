@@ -1,4 +1,4 @@
-"""scripts/benchmark.py end to end on the CPU: a tiny model, a few example conversations, one epoch.
+"""scripts/benchmarks/benchmark.py end to end on the CPU: a tiny model, a few example conversations, one epoch.
 
 The sizes are chosen so that the rows' steps cover the data exactly once (two optimizer steps), so
 the tokens the harness counted while training can be checked against the data itself.
@@ -54,7 +54,7 @@ def run(small_data, expected, tmp_path_factory) -> dict:
     conversations = expected["samples"] // 2
     micro_batch = next(m for m in (3, 2, 1) if conversations % m == 0 and m < conversations)
     command = [
-        sys.executable, "scripts/benchmark.py", "--model", "tiny", "--data", small_data, "--tokenizer",
+        sys.executable, "scripts/benchmarks/benchmark.py", "--model", "tiny", "--data", small_data, "--tokenizer",
         str(TOKENIZER_DIR), "--seq_length", str(SEQ_LENGTH), "--rows", str(rows_per_step), "--conversations",
         str(conversations), "--pad_micro_batch", str(micro_batch), "--warmup", "1", "--steps", "1",
         "--backends", "sdpa", "--cpu_threads", "1",
@@ -156,7 +156,7 @@ def test_the_model_may_be_a_checkpoint_or_a_config_only_directory(tmp_path):
 
     from .helpers import tiny_llama
 
-    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmarks" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = benchmark  # its dataclasses look their module up
     spec.loader.exec_module(benchmark)

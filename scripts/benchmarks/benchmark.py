@@ -9,20 +9,20 @@ TRL's) and CoBa's cost per step. docs/benchmarks.md says what each row's step ho
 
     # A real model on the CPU (any local causal LM: a checkpoint directory, a .gguf file, or a directory
     # with only config.json for random weights of that shape); its own tokenizer unless --tokenizer:
-    python scripts/benchmark.py --model models/SmolLM2-135M-Instruct --data examples/data \
+    python scripts/benchmarks/benchmark.py --model models/SmolLM2-135M-Instruct --data examples/data \
         --seq_length 1024 --rows 2 --conversations 16 --pad_micro_batch 4 --steps 3 --warmup 1
 
     # CPU smoke run (tiny model, a few steps; about two minutes on 2 cores):
-    python scripts/benchmark.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2 --cpu_threads 1 \\
+    python scripts/benchmarks/benchmark.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2 --cpu_threads 1 \\
         --out /tmp/bench/results.json --table /tmp/bench/table.md --plot /tmp/bench/bench.png
 
     # GPU (see docs/benchmarks.md for how data, tokenizer and wheels travel to the GPU machine):
     bash .device/install_on_device.sh && export PYTHONPATH=/tmp/site:$PWD && \\
-      python scripts/benchmark.py --model qwen2-0.5b --data .device/data --tokenizer .device/gpt2 \\
+      python scripts/benchmarks/benchmark.py --model qwen2-0.5b --data .device/data --tokenizer .device/gpt2 \\
         --budget_s 480 --out $OUT/benchmark_0.5b.json --table $OUT/benchmark_0.5b.md
 
     # table and chart again from saved results (e.g. here, after the GPU run; matplotlib needed):
-    python scripts/benchmark.py --from_results benchmark_0.5b.json --plot docs/benchmarks_gpu.png
+    python scripts/benchmarks/benchmark.py --from_results benchmark_0.5b.json --plot docs/benchmarks_gpu.png
 
 Rows (`--only` / `--skip` select them by substring of their name; `--list` prints the plan):
 - conversations group, `--conversations` (64) conversations per optimizer step:
@@ -72,7 +72,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2C
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mft_trainer import DataCollatorForMFT, DataConfig, MFTConfig, MFTTrainer, TaskRegistry  # noqa: E402
 from mft_trainer import build_mft_dataset, install_chat_template  # noqa: E402
