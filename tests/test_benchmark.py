@@ -13,14 +13,13 @@ import sys
 
 import pytest
 
-from mft_trainer import DataConfig, MFTConfig, build_mft_dataset
+from mft_trainer import DataConfig, build_mft_dataset
 from mft_trainer.packing import pack_dataset
 
 from .conftest import EXAMPLE_DATA, EXAMPLE_TASKS, REPO, TOKENIZER_DIR
 
 RECORDS_PER_TASK = 4
 SEQ_LENGTH = 512
-HAS_CHUNKED = "loss_implementation" in MFTConfig.__dataclass_fields__
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +80,7 @@ def test_every_row_ran_or_says_why(run):
     rows = by_name(run)
     wanted = ["mft pack sdpa plain", "mft pack sdpa plain coba", "mft padding sdpa plain",
               "mft padding_free_samples sdpa plain", "mft padding_free sdpa plain", "trl rows sdpa fused",
-              "trl bfd sdpa fused", "prep mft", "prep trl"]
-    if HAS_CHUNKED:
-        wanted.append("mft pack sdpa chunked")
+              "trl bfd sdpa fused", "prep mft", "prep trl", "mft pack sdpa chunked"]
     assert sorted(rows) == sorted(wanted)
     for name, row in rows.items():
         assert "error" not in row, f"{name}: {row.get('error')}\n{row.get('traceback')}"
@@ -101,9 +98,8 @@ def test_the_tokens_group_trains_the_same_tokens_and_the_whole_data(run, expecte
     assert sum(pack["real_tokens_by_step"]) == expected["tokens"]
     assert all(0 < n <= run["rows_per_step"] * SEQ_LENGTH for n in pack["real_tokens_by_step"])
     assert pack["dataset_rows"] == expected["rows"]
-    same_steps = ["mft padding_free sdpa plain", "trl rows sdpa fused", "mft pack sdpa plain coba"]
-    if HAS_CHUNKED:
-        same_steps.append("mft pack sdpa chunked")
+    same_steps = ["mft padding_free sdpa plain", "trl rows sdpa fused", "mft pack sdpa plain coba",
+                  "mft pack sdpa chunked"]
     for name in same_steps:
         assert rows[name]["real_tokens_by_step"] == pack["real_tokens_by_step"], name
     # TRL gets the same rows and the same loss mask: it trains on exactly our trained tokens.

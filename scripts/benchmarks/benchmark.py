@@ -9,7 +9,7 @@ TRL's) and CoBa's cost per step. docs/benchmarks.md says what each row's step ho
 
     # A real model on the CPU (any local causal LM: a checkpoint directory, a .gguf file, or a directory
     # with only config.json for random weights of that shape); its own tokenizer unless --tokenizer:
-    python scripts/benchmarks/benchmark.py --model models/SmolLM2-135M-Instruct --data examples/data \
+    python scripts/benchmarks/benchmark.py --model models/SmolLM2-135M-Instruct --data examples/data \\
         --seq_length 1024 --rows 2 --conversations 16 --pad_micro_batch 4 --steps 3 --warmup 1
 
     # CPU smoke run (tiny model, a few steps; about two minutes on 2 cores):
@@ -34,7 +34,7 @@ Rows (`--only` / `--skip` select them by substring of their name; `--list` print
   padding-free training on the same rows: identical tokens every step) and `trl bfd` (TRL packing the
   same samples itself).
 - MFT rows run with each attention backend (sdpa, torch_varlen, flash_attention_2 when installed,
-  flex_attention on CUDA) and each loss implementation (`plain`, `chunked` when MFTConfig has
+  flex_attention on CUDA) and each loss implementation (`plain`, `chunked`: MFTConfig's
   `loss_implementation`); `coba` is the pack row with weighted_loss_mode coba; `prep` rows time data
   preparation.
 """
@@ -185,12 +185,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["environment"] = {k: v for k, v in env.items() if k not in ("name", "kind", "trainer", "layout", "backend",
                                                                         "loss", "loss_mode", "wall_s", "process_s")}
     print(f"environment: {json.dumps(result['environment'])}", flush=True)
-    rows = select_rows(plan_rows(env, args.backends.split(","), env["loss_implementation"]), args.only, args.skip)
+    rows = select_rows(plan_rows(env, args.backends.split(",")), args.only, args.skip)
     if args.list:
         print("\n".join(r.name for r in rows))
         return result
-    if not env["loss_implementation"]:
-        print("note: MFTConfig has no loss_implementation field yet: the chunked-loss rows are not planned")
     for row in rows:
         elapsed = time.perf_counter() - began
         done = [r["process_s"] for r in result["rows"] if r.get("kind") == row.kind and "process_s" in r]

@@ -89,7 +89,7 @@ class Settings:
         return self.warmup + self.steps
 
 
-def plan_rows(env: dict[str, Any], backends: list[str], have_chunked: bool) -> list[Row]:
+def plan_rows(env: dict[str, Any], backends: list[str]) -> list[Row]:
     """Every row of a full run, most important first (so that `--budget_s` cuts the least useful).
 
     First the rows the targets compare (our best layout, TRL's best, the MFTCoder-style baseline and
@@ -106,7 +106,7 @@ def plan_rows(env: dict[str, Any], backends: list[str], have_chunked: bool) -> l
     main = next((b for b in preferred + available if b in available), None)
     if main is None:
         raise ValueError(f"none of the backends {backends} can run here")
-    losses = ["plain", "chunked"] if have_chunked else ["plain"]
+    losses = ["plain", "chunked"]
 
     def packed_rows(backend: str) -> list[Row]:
         """Our two packed layouts in each loss implementation, and TRL on the same rows."""
@@ -121,9 +121,8 @@ def plan_rows(env: dict[str, Any], backends: list[str], have_chunked: bool) -> l
         Row("train", "mft", "padding_free_samples", main, "plain"),
         Row("train", "mft", "padding_free", main, "plain"),
     ]
-    if have_chunked:
-        rows += [Row("train", "mft", layout, main if layout != "padding" else "sdpa", "chunked")
-                 for layout in ("pack", "padding_free", "padding", "padding_free_samples")]
+    rows += [Row("train", "mft", layout, main if layout != "padding" else "sdpa", "chunked")
+             for layout in ("pack", "padding_free", "padding", "padding_free_samples")]
     rows += [Row("train", "trl", "bfd", main, TRL_LOSS), Row("train", "mft", "pack", main, "plain", "coba")]
     later = []
     for backend in sorted((b for b in available if b != main), key=lambda b: b != "flex_attention"):

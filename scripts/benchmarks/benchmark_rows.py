@@ -30,9 +30,6 @@ from benchmark_shared_data import load_data, task_dirs, trl_messages, with_seq_l
 from mft_trainer import DataCollatorForMFT, DataConfig, MFTConfig, MFTTrainer
 from mft_trainer import build_mft_dataset, install_chat_template
 
-# The chunked per-token loss (mft_trainer/chunked_loss.py) is selected by this MFTConfig field.
-HAS_LOSS_IMPLEMENTATION = "loss_implementation" in MFTConfig.__dataclass_fields__
-
 try:  # TRL is optional: without it the TRL rows report the missing package
     import trl
     from trl import SFTConfig, SFTTrainer
@@ -103,13 +100,12 @@ def make_mft_trainer(row: Row, s: Settings, model: Any, tokenizer: Any, data: di
                      device: torch.device, output_dir: str) -> MFTTrainer:
     """MFTTrainer on the row's layout (its dataset and collator), loss implementation and loss mode."""
     batch, accumulation, multiple = batch_shape(row, s)
-    extra: dict[str, Any] = {"loss_implementation": row.loss} if HAS_LOSS_IMPLEMENTATION else {}
     coba = row.loss_mode == "coba"
-    if coba:
-        # CoBa's defaults (one validation batch after every step), from the first step on.
-        extra.update(coba_warmup_steps=0, per_device_eval_batch_size=batch)
+    # CoBa's defaults (one validation batch after every step), from the first step on.
+    coba_fields: dict[str, Any] = dict(coba_warmup_steps=0, per_device_eval_batch_size=batch) if coba else {}
     args = MFTConfig(**common_arguments(s, output_dir, device), per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=accumulation, weighted_loss_mode=row.loss_mode, **extra)
+                     gradient_accumulation_steps=accumulation, weighted_loss_mode=row.loss_mode,
+                     loss_implementation=row.loss, **coba_fields)
     layout = LAYOUTS[row.layout]
     collator = DataCollatorForMFT(tokenizer.eos_token_id, pad_to_multiple_of=multiple, padding_mode=layout["collator"])
     trainer = MeteredMFTTrainer(
@@ -147,8 +143,6 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def run_training_row(row: Row, s: Settings) -> dict[str, Any]:
     """Train the row's model for warmup + timed steps and return what the meter measured."""
-    if row.trainer == "mft" and row.loss != "plain" and not HAS_LOSS_IMPLEMENTATION:
-        raise RuntimeError("skipped: this MFTConfig has no loss_implementation field yet")
     device = device_in_use()
     tokenizer = AutoTokenizer.from_pretrained(s.tokenizer)
     data = load_data(s)
@@ -257,7 +251,6 @@ def probe_environment(s: Settings) -> dict[str, Any]:
         "datasets": datasets.__version__,
         "trl": trl.__version__ if trl is not None else None,
         "flash_attention_2": bool(is_flash_attn_2_available()),
-        "loss_implementation": HAS_LOSS_IMPLEMENTATION,
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
@@ -280,8 +273,7 @@ def run_row(row: Row, s: Settings) -> dict[str, Any]:
         run = {"train": run_training_row, "prep": run_prep_row, "probe": lambda r, st: probe_environment(st)}[row.kind]
         record.update(run(row, s))
     except Exception as error:  # reported, not fatal: one failing row must not hide the others
-        message = str(error)
-        record["error"] = message if message.startswith("skipped:") else f"{type(error).__name__}: {message}"[:600]
+        record["error"] = f"{type(error).__name__}: {error}"[:600]
         record["traceback"] = traceback.format_exc()[-2000:]
     record["wall_s"] = time.perf_counter() - began
     return record
