@@ -18,7 +18,11 @@ from mft_trainer.packing import pack_dataset
 
 from .conftest import EXAMPLE_DATA, EXAMPLE_TASKS, REPO, TOKENIZER_DIR
 
-RECORDS_PER_TASK = 4
+# 3 records per task: one of each goes to validation (the CoBa row's batches), the other 8 make two steps
+# of 4 conversations, padded in micro-batches of 2 (with 2 records per task a micro-batch would hold one
+# conversation and pad nothing). No more: the rows' time grows with the tokens they train, each over
+# GPT-2's 50k vocabulary.
+RECORDS_PER_TASK = 3
 SEQ_LENGTH = 512
 
 
