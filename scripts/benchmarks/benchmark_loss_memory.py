@@ -4,9 +4,9 @@ The loss path is everything from the last hidden states to their gradient: the o
 per-token cross-entropy, the weighted reduction, and the backward through them. Each path runs in its
 own process, so that one path's freed memory cannot hide the other's peak.
 
-    python scripts/benchmark_loss_memory.py                                  # 16,384 tokens x 151,936 vocab x 896
-    python scripts/benchmark_loss_memory.py --tokens 4096 --out loss_memory.json   # a size a 24 GiB CPU machine holds
-    python scripts/benchmark_loss_memory.py --chunk_size 832,2048,4096             # chunk sizes side by side
+    python scripts/benchmarks/benchmark_loss_memory.py                                  # 16,384 tokens x 151,936 vocab x 896
+    python scripts/benchmarks/benchmark_loss_memory.py --tokens 4096 --out loss_memory.json   # a size a 24 GiB CPU machine holds
+    python scripts/benchmarks/benchmark_loss_memory.py --chunk_size 832,2048,4096             # chunk sizes side by side
 
 On CUDA the peak is `torch.cuda.max_memory_allocated` above what the inputs (hidden states, output
 weight) already hold; on the CPU it is the growth of the process's peak resident memory (ru_maxrss)
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mft_trainer.chunked_loss import default_chunk_size, linear_cross_entropy  # noqa: E402
 from mft_trainer.losses import per_token_cross_entropy  # noqa: E402

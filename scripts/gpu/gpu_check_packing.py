@@ -9,11 +9,11 @@ repository root (see ../shared/gpu/README.md):
     mkdir -p .device && cp -r ../shared/data ../shared/gpu/install_on_device.sh .device/
     # device command (carry .whl and .device); a few minutes on an H100, flex_attention's compiles the most:
     bash .device/install_on_device.sh && export PYTHONPATH=/tmp/site:$PWD && \
-      python scripts/gpu_check_packing.py --data .device/data --tokenizer examples/tokenizers/gpt2 --out $OUT/gpu_check_packing.json
+      python scripts/gpu/gpu_check_packing.py --data .device/data --tokenizer examples/tokenizers/gpt2 --out $OUT/gpu_check_packing.json
 
     # on a CPU, to check the script itself (tiny model, a few steps; flex_attention is skipped, torch_varlen
     # runs its pure-torch reference path):
-    python scripts/gpu_check_packing.py --tiny --data ../shared/data --tokenizer ../shared/tokenizers/gpt2
+    python scripts/gpu/gpu_check_packing.py --tiny --data ../shared/data --tokenizer ../shared/tokenizers/gpt2
 
 Each step is one micro-batch: forward, MFTTrainer.compute_loss (case3), backward and an AdamW step,
 in bfloat16 with gradient checkpointing on CUDA. Layouts: `padding` = batches of --pad_batch samples
@@ -37,7 +37,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mft_trainer import DataConfig, MFTConfig, MFTTrainer, build_mft_dataset  # noqa: E402
 from mft_trainer.attention import check_packing_support, probe_packing  # noqa: E402  (registers torch_varlen)

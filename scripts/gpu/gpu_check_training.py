@@ -4,9 +4,9 @@ Qwen2-0.5B-shaped model saved to disk, and the results (ok or the error, seconds
 per-task loss line) go to a JSON file, one line per combination, so a timeout keeps what finished.
 
     # on the GPU machine (see ../shared/gpu/README.md for carrying the missing wheels):
-    python scripts/gpu_check_training.py --data .device/data --tokenizer examples/tokenizers/gpt2 --out $OUT/training.json
+    python scripts/gpu/gpu_check_training.py --data .device/data --tokenizer examples/tokenizers/gpt2 --out $OUT/training.json
     # here, on the CPU, to check the script itself (tiny model, float32; every combination runs):
-    python scripts/gpu_check_training.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2 --out /tmp/t.json
+    python scripts/gpu/gpu_check_training.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2 --out /tmp/t.json
 
 The CPU test suite already proves the loss exact under DDP, ZeRO-2/3 and FSDP2 on two ranks, and
 QLoRA under ZeRO-2/3 and FSDP2 on two ranks equal to DDP (float32); this script checks what only
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # name -> recipe overrides; every run also gets the common ones below.
 COMBINATIONS = {

@@ -5,9 +5,9 @@
 # step cannot starve the next, and every step writes into $OUT as it goes (a timeout keeps what
 # finished).
 #
-#   here, once:   bash scripts/gpu_session.sh prepare   # .whl/ (wheels the GPU lacks) and .device/ (data,
-#                                                       # installer); both git-ignored
-#   device call:  bash scripts/gpu_session.sh all       # carry [".whl", ".device"], timeout_s 590
+#   here, once:   bash scripts/gpu/gpu_session.sh prepare   # .whl/ (wheels the GPU lacks) and .device/ (data,
+#                                                           # installer); both git-ignored
+#   device call:  bash scripts/gpu/gpu_session.sh all       # carry [".whl", ".device"], timeout_s 590
 #
 # Travels: the tracked tree (~7 MB) + .whl (~48 MB) + .device (~4 MB), under the 64 MiB limit.
 # all (~9 min: ~1 min of install, then the steps' limits, 505 s in all):
@@ -24,10 +24,10 @@
 # part1 and part2 split the same checks with more time each (the full 0.5B benchmark, every training
 # combination), for a session with more device time.
 #
-# To check this script on a CPU first: OUT=/tmp/gpu_out TINY=1 bash scripts/gpu_session.sh all (tiny sizes,
+# To check this script on a CPU first: OUT=/tmp/gpu_out TINY=1 bash scripts/gpu/gpu_session.sh all (tiny sizes,
 # the example data; the installer's failure without .whl is logged and the venv's packages are used).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 part=${1:?usage: gpu_session.sh prepare|all|part1|part2}
 
 if [ "$part" = prepare ]; then
@@ -85,40 +85,40 @@ show_bitsandbytes() { move_bitsandbytes /tmp/site_hidden /tmp/site; }
 case "$part" in
   all)
     hide_bitsandbytes
-    step loss_memory 70 python scripts/benchmark_loss_memory.py "${memory_size[@]}" --chunk_size 0,2048,4096 \
-      --out "$OUT/loss_memory.json"
-    step benchmark_0.5b 155 python scripts/benchmark.py "${model05[@]}" "${data[@]}" --budget_s 145 --steps 6 \
-      --warmup 2 --workdir /tmp/bench --out "$OUT/benchmark_0.5b.json" --table "$OUT/benchmark_0.5b.md"
-    step benchmark_smollm2 "$((smollm2_budget + 10))" python scripts/benchmark.py "${smollm2[@]}" \
+    step loss_memory 70 python scripts/benchmarks/benchmark_loss_memory.py "${memory_size[@]}" \
+      --chunk_size 0,2048,4096 --out "$OUT/loss_memory.json"
+    step benchmark_0.5b 155 python scripts/benchmarks/benchmark.py "${model05[@]}" "${data[@]}" --budget_s 145 \
+      --steps 6 --warmup 2 --workdir /tmp/bench --out "$OUT/benchmark_0.5b.json" --table "$OUT/benchmark_0.5b.md"
+    step benchmark_smollm2 "$((smollm2_budget + 10))" python scripts/benchmarks/benchmark.py "${smollm2[@]}" \
       --budget_s "$smollm2_budget" --steps 6 --warmup 2 \
       --only "mft pack $varlen,trl rows $varlen,mft padding sdpa plain,mft padding_free $varlen chunked" \
       --skip coba --workdir /tmp/bench_smollm2 --out "$OUT/benchmark_smollm2.json" --table "$OUT/benchmark_smollm2.md"
-    step benchmark_1.5b 100 python scripts/benchmark.py "${model15[@]}" "${data[@]}" --budget_s 90 --steps 6 \
-      --warmup 2 --only "mft pack torch_varlen plain,trl rows torch_varlen" --skip coba --workdir /tmp/bench15 \
+    step benchmark_1.5b 100 python scripts/benchmarks/benchmark.py "${model15[@]}" "${data[@]}" --budget_s 90 \
+      --steps 6 --warmup 2 --only "mft pack torch_varlen plain,trl rows torch_varlen" --skip coba --workdir /tmp/bench15 \
       --out "$OUT/benchmark_1.5b.json" --table "$OUT/benchmark_1.5b.md"
     show_bitsandbytes
     # The example data (100 conversations) is enough for a few QLoRA steps and saves the tokenizing.
-    step training 75 python scripts/gpu_check_training.py "${tiny[@]}" --data examples/data \
+    step training 75 python scripts/gpu/gpu_check_training.py "${tiny[@]}" --data examples/data \
       --tokenizer examples/tokenizers/gpt2 --only qlora_ddp qlora_fsdp2 --out "$OUT/training.json"
-    step packing_probes 45 python scripts/gpu_check_packing.py "${tiny[@]}" "${data[@]}" --steps 2 --warmup 1 \
+    step packing_probes 45 python scripts/gpu/gpu_check_packing.py "${tiny[@]}" "${data[@]}" --steps 2 --warmup 1 \
       --layouts pack,padding_free --out "$OUT/gpu_check_packing.json"
     ;;
   part1)
     hide_bitsandbytes
     # The default chunk (832 positions at this vocabulary) beside larger ones: fewer passes over the
     # output weight's float32 gradient, more memory.
-    step loss_memory 120 python scripts/benchmark_loss_memory.py "${memory_size[@]}" --chunk_size 0,2048,4096 \
-      --out "$OUT/loss_memory.json"
-    step benchmark_0.5b 380 python scripts/benchmark.py "${model05[@]}" "${data[@]}" --budget_s 370 \
+    step loss_memory 120 python scripts/benchmarks/benchmark_loss_memory.py "${memory_size[@]}" \
+      --chunk_size 0,2048,4096 --out "$OUT/loss_memory.json"
+    step benchmark_0.5b 380 python scripts/benchmarks/benchmark.py "${model05[@]}" "${data[@]}" --budget_s 370 \
       --workdir /tmp/bench --out "$OUT/benchmark_0.5b.json" --table "$OUT/benchmark_0.5b.md"
     ;;
   part2)
     show_bitsandbytes
-    step training 240 python scripts/gpu_check_training.py "${tiny[@]}" "${data[@]}" --out "$OUT/training.json"
-    step benchmark_1.5b 180 python scripts/benchmark.py "${model15[@]}" "${data[@]}" --budget_s 170 \
+    step training 240 python scripts/gpu/gpu_check_training.py "${tiny[@]}" "${data[@]}" --out "$OUT/training.json"
+    step benchmark_1.5b 180 python scripts/benchmarks/benchmark.py "${model15[@]}" "${data[@]}" --budget_s 170 \
       --only "mft pack torch_varlen,trl rows torch_varlen,mft padding sdpa plain,mft padding_free_samples torch_varlen" \
       --skip coba --workdir /tmp/bench15 --out "$OUT/benchmark_1.5b.json" --table "$OUT/benchmark_1.5b.md"
-    step packing_probes 100 python scripts/gpu_check_packing.py "${tiny[@]}" "${data[@]}" --steps 2 --warmup 1 \
+    step packing_probes 100 python scripts/gpu/gpu_check_packing.py "${tiny[@]}" "${data[@]}" --steps 2 --warmup 1 \
       --layouts pack,padding_free --out "$OUT/gpu_check_packing.json"
     ;;
   *) echo "unknown part $part: prepare, all, part1 or part2" >&2; exit 2 ;;

@@ -5,7 +5,7 @@ torch.profiler, the operators' self time summed into matmuls (the linear layers)
 It answers the question the benchmark's ratios raise (docs/benchmarks.md): why MFTCoder-style
 padding is cheaper per token on a CPU than its padding waste suggests.
 
-    python scripts/profile_layouts.py --model models/SmolLM2-135M-Instruct --data ../shared/data
+    python scripts/benchmarks/profile_layouts.py --model models/SmolLM2-135M-Instruct --data ../shared/data
 
 The batches are the benchmark's: `--rows` packed rows of `--seq_length` (pack; also joined into one
 row: padding_free), and `--conversations` conversations in micro-batches of `--pad_micro_batch`, each
@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
