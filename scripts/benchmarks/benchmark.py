@@ -89,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with the --tiny or full sizes filled in where no flag gave them; a .gguf
     --model is converted once, and a checkpoint --model is its own tokenizer unless --tokenizer."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="directory of task directories (e.g. ../shared/data)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (e.g. ../shared/tokenizers/gpt2)")
+    parser.add_argument("--data", help="directory of task directories (e.g. examples/data)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (e.g. examples/tokenizers/gpt2)")
     parser.add_argument("--model",
                         help=f"a random-weight shape ({', '.join(sorted(MODEL_SHAPES))}), or any local causal LM: a "
                         "checkpoint directory, a .gguf file (converted once), or a directory with only config.json "

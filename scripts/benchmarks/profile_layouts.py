@@ -5,7 +5,7 @@ torch.profiler, the operators' self time summed into matmuls (the linear layers)
 It answers the question the benchmark's ratios raise (docs/benchmarks.md): why MFTCoder-style
 padding is cheaper per token on a CPU than its padding waste suggests.
 
-    python scripts/benchmarks/profile_layouts.py --model models/SmolLM2-135M-Instruct --data ../shared/data
+    python scripts/benchmarks/profile_layouts.py --model models/SmolLM2-135M-Instruct --data examples/data
 
 The batches are the benchmark's: `--rows` packed rows of `--seq_length` (pack; also joined into one
 row: padding_free), and `--conversations` conversations in micro-batches of `--pad_micro_batch`, each

@@ -3,17 +3,16 @@ with the sdpa, flex_attention and torch_varlen (and flash_attention_2, if instal
 Qwen2-0.5B-shaped random model; plus, per backend, proof that packed samples stay apart on the device.
 
 Only the project tree travels to the GPU machine, so the data and the tokenizer are arguments. From the
-repository root (see ../shared/gpu/README.md):
+repository root (the wheels and the installer: docs/benchmarks.md, "GPU"; DATA: the four-task data):
 
-    bash ../shared/gpu/fetch_wheels.sh                                   # once, here: .whl/ (datasets, ...)
-    mkdir -p .device && cp -r ../shared/data ../shared/gpu/install_on_device.sh .device/
+    mkdir -p .device && cp -r $DATA .device/data                          # once, here, with .whl/
     # device command (carry .whl and .device); a few minutes on an H100, flex_attention's compiles the most:
     bash .device/install_on_device.sh && export PYTHONPATH=/tmp/site:$PWD && \
       python scripts/gpu/gpu_check_packing.py --data .device/data --tokenizer examples/tokenizers/gpt2 --out $OUT/gpu_check_packing.json
 
     # on a CPU, to check the script itself (tiny model, a few steps; flex_attention is skipped, torch_varlen
     # runs its pure-torch reference path):
-    python scripts/gpu/gpu_check_packing.py --tiny --data ../shared/data --tokenizer ../shared/tokenizers/gpt2
+    python scripts/gpu/gpu_check_packing.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2
 
 Each step is one micro-batch: forward, MFTTrainer.compute_loss (case3), backward and an AdamW step,
 in bfloat16 with gradient checkpointing on CUDA. Layouts: `padding` = batches of --pad_batch samples
@@ -54,8 +53,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="directory of task directories (e.g. ../shared/data)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (e.g. ../shared/tokenizers/gpt2)")
+    parser.add_argument("--data", required=True, help="directory of task directories (e.g. examples/data)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (e.g. examples/tokenizers/gpt2)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--tiny", action="store_true", help="tiny model and sizes: checks the script on a CPU")
     parser.add_argument("--seq_length", type=int, default=4096)

@@ -3,7 +3,7 @@ fine-tuning under FSDP, LoRA under ZeRO-3. Each runs `scripts/train.py` for a fe
 Qwen2-0.5B-shaped model saved to disk, and the results (ok or the error, seconds, the last
 per-task loss line) go to a JSON file, one line per combination, so a timeout keeps what finished.
 
-    # on the GPU machine (see ../shared/gpu/README.md for carrying the missing wheels):
+    # on the GPU machine (carrying the missing wheels: docs/benchmarks.md, "GPU"):
     python scripts/gpu/gpu_check_training.py --data .device/data --tokenizer examples/tokenizers/gpt2 --out $OUT/training.json
     # here, on the CPU, to check the script itself (tiny model, float32; every combination runs):
     python scripts/gpu/gpu_check_training.py --tiny --data examples/data --tokenizer examples/tokenizers/gpt2 --out /tmp/t.json

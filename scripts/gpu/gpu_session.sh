@@ -32,9 +32,12 @@ part=${1:?usage: gpu_session.sh prepare|all|part1|part2}
 
 if [ "$part" = prepare ]; then
   set -e
-  bash ../shared/gpu/fetch_wheels.sh >/dev/null
+  # Where this checkout finds the four-task data, the wheels the GPU machine lacks and their
+  # installer (docs/benchmarks.md, "GPU"); the defaults are this workplace's folder beside the checkout.
+  shared=${SHARED:-../shared}
+  bash "$shared/gpu/fetch_wheels.sh" >/dev/null
   mkdir -p .device
-  cp -r ../shared/data ../shared/gpu/install_on_device.sh .device/  # the tokenizer travels in examples/
+  cp -r "${DATA:-$shared/data}" "$shared/gpu/install_on_device.sh" .device/  # the tokenizer travels in examples/
   du -sh .whl .device
   exit 0
 fi

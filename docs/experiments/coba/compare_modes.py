@@ -1,4 +1,4 @@
-"""Per-task validation loss of case1, case3 and coba on the four unbalanced tasks of ../shared/data.
+"""Per-task validation loss of case1, case3 and coba on the four unbalanced tasks of the data described in docs/benchmarks.md ("The data behind the figures").
 
 One tiny Llama (random init, built from a config) per mode, identical settings and seeds: only
 `weighted_loss_mode` changes. Every `--eval_steps` the whole (capped) validation set is evaluated;

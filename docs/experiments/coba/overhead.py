@@ -3,7 +3,7 @@
 CoBa adds, after every `coba_update_interval` steps, a no-grad forward pass over
 `coba_sample_valid_num` validation batches, and once before training a forward pass over the whole
 validation set (L_i(0)). This script times both on the setup of compare_modes.py (tiny Llama, 4,096
-ids, the four tasks of ../shared/data, batch 8, sequences up to 256 tokens):
+ids, the four-task data of docs/benchmarks.md, batch 8, sequences up to 256 tokens):
 
     .venv/bin/python docs/experiments/coba/overhead.py
 

