@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 8 scripts/train.py examples/recipes/qwen2.5-coder-7b-lora.yaml
     python scripts/train.py examples/recipes/demo.yaml                      # the README demo, on a CPU
     python scripts/train.py examples/recipes/tiny.yaml --max_steps 10      # a tiny random model, seconds
-    accelerate launch --config_file fsdp_configs/fsdp2.yaml scripts/train.py recipe.yaml
+    accelerate launch --config_file fsdp_configs/accelerate_fsdp2.yaml scripts/train.py recipe.yaml
     python scripts/train.py mftcoder_config.json                            # an MFTCoder JSON config
     python scripts/train.py --help                                          # every recipe key
 
