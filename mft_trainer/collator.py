@@ -21,9 +21,6 @@ import torch
 from .constants import IGNORE_INDEX, NO_TASK
 from .modes import PaddingMode
 
-# Keys of a packed batch that are not [B, L] tensors.
-VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
 
 @dataclass
 class DataCollatorForMFT:
