@@ -4,8 +4,7 @@ lists and mappings are JSON text on the command line, and native values in a dic
 import pytest
 from transformers import HfArgumentParser
 
-from mft_trainer import DataConfig, MFTConfig
-from mft_trainer.modeling import ModelConfig
+from mft_trainer import DataConfig, MFTConfig, ModelConfig
 
 BASE = ["--model_name_or_path", "m", "--data_paths", "examples/data/code_qa", "--output_dir", "out", "--use_cpu",
         "--report_to", "none"]
