@@ -12,6 +12,16 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mft_trainer", "mft_trainer.*"]),
     python_requires=">=3.10",
+    # The commands; each is also scripts/<module>.py, for a checkout that is not installed.
+    entry_points={
+        "console_scripts": [
+            "mft-chat = mft_trainer.cli.chat:main",
+            "mft-convert-gguf = mft_trainer.cli.convert_gguf:main",
+            "mft-merge = mft_trainer.cli.merge_lora:main",
+            "mft-prepare-data = mft_trainer.cli.prepare_data:main",
+            "mft-train = mft_trainer.cli.train:main",
+        ],
+    },
     install_requires=[
         "torch>=2.6",
         "transformers>=5.0",

@@ -154,14 +154,29 @@ def _use_kernel(query: torch.Tensor) -> bool:
     return query.is_cuda and _torch_varlen_attn is not None
 
 
+def cu_seq_lens_from_starts(starts: torch.Tensor) -> torch.Tensor:
+    """The ``cu_seq_lens`` of a batch that varlen kernels see as its ``B * L`` tokens in one row.
+
+    Args:
+        starts: ``[B, L]`` bool, True where a sequence starts; every row starts one at column 0.
+    Returns:
+        ``[S + 1]`` int32 offsets of the S sequences' starts over the flattened tokens, then ``B * L``.
+
+    >>> cu_seq_lens_from_starts(torch.tensor([[True, False, True], [True, False, False]])).tolist()
+    [0, 2, 3, 6]
+    """
+    boundaries = torch.nonzero(starts.reshape(-1)).reshape(-1)  # [S]
+    end = torch.tensor([starts.numel()], device=starts.device)
+    return torch.cat([boundaries, end]).to(torch.int32)
+
+
 def _boundaries_from_positions(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
     """``[S + 1]`` int32 boundaries: a sequence starts at every row start and wherever position_ids is 0."""
     starts = torch.zeros(batch, length, dtype=torch.bool)  # [B, L]
     if position_ids is not None:
         starts = position_ids.expand(batch, -1).eq(0).cpu()
     starts[:, 0] = True
-    boundaries = torch.nonzero(starts.reshape(-1)).reshape(-1)
-    return torch.cat([boundaries, torch.tensor([batch * length])]).to(torch.int32)
+    return cu_seq_lens_from_starts(starts)
 
 
 def torch_varlen_attention_forward(

@@ -18,11 +18,9 @@ from typing import Any
 
 import torch
 
+from .attention import cu_seq_lens_from_starts
 from .constants import IGNORE_INDEX, NO_TASK
 from .modes import PaddingMode
-
-# Keys of a packed batch that are not [B, L] tensors.
-VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 @dataclass
@@ -168,8 +166,7 @@ class DataCollatorForMFT:
         segment_ids = torch.where(is_real, sample, NO_TASK)  # [B, L]
         # Varlen kernels see the batch as B * L tokens in a row; each padding tail is a sequence too,
         # so that every token is computed (an uncovered token would be left uninitialised).
-        boundaries = torch.nonzero(starts.reshape(-1)).reshape(-1)  # [S]
-        cu_seq_lens = torch.cat([boundaries, torch.tensor([batch_size * max_length])]).to(torch.int32)  # [S + 1]
+        cu_seq_lens = cu_seq_lens_from_starts(starts)  # [S + 1]
         longest = int(cu_seq_lens.diff().max())
         return {
             "input_ids": input_ids,

@@ -11,6 +11,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
+from .json_settings import parse_json_text
 from .modes import CoBaValidSampling, LossImplementation, LossMode
 
 
@@ -50,7 +51,7 @@ class MFTConfig(TrainingArguments):
             "CoBa convergence balancer; needs an eval dataset); aliases token, sample, task, task_sample."
         },
     )
-    task_weights: Optional[dict] = field(
+    task_weights: dict | str | None = field(
         default=None,
         metadata={
             "help": 'Per-task loss weights by task name, e.g. {"code_qa": 2.0}; tasks not named weigh 1.0. '
@@ -106,7 +107,7 @@ class MFTConfig(TrainingArguments):
             "152k vocabulary)."
         },
     )
-    generation_eval_files: Optional[dict] = field(
+    generation_eval_files: dict | str | None = field(
         default=None,
         metadata={
             "help": "Generation-based evaluation (mft_trainer/generation_eval.py): {task: jsonl of held-out records}; "
@@ -147,7 +148,12 @@ class MFTConfig(TrainingArguments):
         },
     )
 
+    # Mappings that HfArgumentParser passes as JSON text (the fields are typed `dict | str | None` for it).
+    _JSON_FIELDS = ("task_weights", "generation_eval_files")
+
     def __post_init__(self) -> None:
+        for name in self._JSON_FIELDS:
+            setattr(self, name, parse_json_text(name, getattr(self, name)))
         self._default_checkpointing_on()
         if self.early_stopping_patience is not None:
             # Before TrainingArguments' own checks, which derive greater_is_better from the metric.

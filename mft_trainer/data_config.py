@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from .formats import InputFormat
+from .json_settings import parse_json_text
 from .modes import EmptyAnswers, OverlengthPolicy, PaddingMode
-from .mixture import SamplingRule, parse_max_samples
+from .mixture import SamplingKind, SamplingRule, parse_max_samples
 from .prompt_format import check_chat_template_setting
 from .rendering import RoleMarkers
 from .splitting import parse_data_split
@@ -32,7 +33,7 @@ class DataConfig:
         processing: tokenize_num_proc, dataset_cache_dir
     """
 
-    data_paths: Optional[Union[list[str], dict, str]] = field(
+    data_paths: list[str] | str | dict | None = field(
         default=None,
         metadata={
             "help": "The tasks: a task directory (searched recursively for .jsonl, .json, .parquet, .csv and .arrow "
@@ -42,7 +43,7 @@ class DataConfig:
             "See docs/data_format.md."
         },
     )
-    valid_data_paths: Optional[Union[list[str], dict, str]] = field(
+    valid_data_paths: list[str] | str | dict | None = field(
         default=None,
         metadata={
             "help": "Explicit validation data, in the same form as data_paths and with the same task names. When "
@@ -68,7 +69,7 @@ class DataConfig:
             "by padding_mode 'concat', which splits long documents across rows."
         },
     )
-    task_sampling: Union[str, dict] = field(
+    task_sampling: dict | str | None = field(
         default="proportional",
         metadata={
             "help": "The task mixture of each training epoch, of as many samples as the tasks have: 'proportional' "
@@ -78,7 +79,7 @@ class DataConfig:
             "after all were used. Validation data is not resampled. See docs/data_format.md."
         },
     )
-    max_samples: Optional[Union[int, dict]] = field(
+    max_samples: int | str | dict | None = field(
         default=None,
         metadata={
             "help": "Use at most this many records of each task (an integer for all tasks, or {task_name: n}): a "
@@ -107,7 +108,7 @@ class DataConfig:
             "docs/data_format.md."
         },
     )
-    role_markers: Optional[dict] = field(
+    role_markers: dict | str | None = field(
         default=None,
         metadata={
             "help": 'Turn markers of chat_template mftcoder {"system": ..., "user": ..., "assistant": ...}; default MFTCoder\'s '
@@ -121,7 +122,7 @@ class DataConfig:
             "the tokenizer's EOS token. In the template modes, assistant turns end with what the template writes."
         },
     )
-    record_format: Union[str, dict] = field(
+    record_format: dict | str | None = field(
         default="auto",
         metadata={
             "help": "The format of the records: 'auto' (detected per record from its keys), or one of chat_rounds, "
@@ -157,7 +158,20 @@ class DataConfig:
         },
     )
 
+    # Lists and mappings that HfArgumentParser passes as JSON text (their fields are typed `X | str | None`
+    # for it: mft_trainer/json_settings.py).
+    _JSON_FIELDS = ("data_paths", "valid_data_paths", "task_sampling", "max_samples", "role_markers", "record_format")
+
     def __post_init__(self) -> None:
+        for name in self._JSON_FIELDS:
+            setattr(self, name, parse_json_text(name, getattr(self, name)))
+        if isinstance(self.max_samples, str) and self.max_samples.strip().isdigit():
+            self.max_samples = int(self.max_samples)  # one count for every task, as a command line gives it
+        # None (which the command-line typing allows) is the default.
+        if self.task_sampling is None:
+            self.task_sampling = SamplingKind.PROPORTIONAL.value
+        if self.record_format is None:
+            self.record_format = InputFormat.AUTO.value
         if self.data_paths is None or self.data_paths == [] or self.data_paths == {}:
             raise ValueError(
                 "data_paths is required: a task directory, a list of them, or a mapping {task_name: [paths]}, "

@@ -1,10 +1,20 @@
 """Per-token cross-entropy and its reduction by loss mode, exact across micro-batches and ranks.
 
 A step's loss is a ratio whose denominators (trained tokens / samples, overall or per task) span the
-whole optimizer step: every micro-batch of the gradient-accumulation window on every rank. The caller
-counts them once per step with :func:`count_normalizers`, all-reduces ``LossNormalizers.stacked()``,
-and then :func:`reduce_loss` returns each micro-batch's *contribution*: summing the contributions of
-all micro-batches (and ranks) gives exactly the loss, and gradient, of the whole step in one batch.
+whole optimizer step: every micro-batch of the gradient-accumulation window on every rank. MFTTrainer
+uses the module in three places:
+
+- once per step (`get_batch_samples`): :func:`count_normalizers` over the step's micro-batches, then
+  one all-reduce of ``LossNormalizers.stacked()`` over the ranks;
+- per micro-batch (`compute_loss`): :func:`task_loss_sums` of its per-token losses, and
+  :func:`combine_task_sums` with the step's normalizers gives the micro-batch's *contribution*:
+  the contributions of all micro-batches (and ranks) sum to exactly the loss, and gradient, of the
+  whole step in one batch. The chunked loss, which computes the gradient in its forward pass, gets
+  the per-token weights of that sum from :func:`loss_coefficients`;
+- at evaluation: the task sums and counts of the whole set, combined once by :func:`combine_task_sums`.
+
+:func:`reduce_loss` is the two steps of a micro-batch in one call (task sums, then combination): what
+:func:`loss_coefficients` differentiates, and the reference the tests compare the trainer with.
 
 Batch contract (all ``[B, L]`` int64): ``labels`` (not pre-shifted, -100 = no loss, column 0 never a
 target), ``task_ids`` (-1 on padding), ``segment_ids`` (sample id unique within the micro-batch, -1 on
@@ -249,6 +259,10 @@ def reduce_loss(
     task_weights: Tensor | None = None,
 ) -> Tensor:
     """This micro-batch's contribution to the step loss; contributions sum to the step loss.
+
+    :func:`task_loss_sums` then :func:`combine_task_sums`: MFTTrainer calls the two apart, since it
+    also logs the per-task sums; this one call is what :func:`loss_coefficients` differentiates and
+    what a custom training loop (or a test) needs.
 
     Args:
         per_token_loss: ``[B, L]`` loss aligned with labels (as from :func:`per_token_cross_entropy`).

@@ -12,12 +12,13 @@ import logging
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
+from .json_settings import parse_json_text
 from .paths import check_local_path
 from .segments import padding_token_id
 
@@ -91,7 +92,7 @@ class ModelConfig:
             "padding_mode (docs/packing.md)."
         },
     )
-    model_config_overrides: Optional[dict] = field(
+    model_config_overrides: dict | str | None = field(
         default=None,
         metadata={
             "help": "Model config fields to set before the model is built, e.g. {rope_scaling: {rope_type: yarn, "
@@ -119,7 +120,7 @@ class ModelConfig:
     lora_rank: int = field(default=96, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Modules that get LoRA adapters; default all linear layers except the LM head."},
     )
@@ -150,7 +151,13 @@ class ModelConfig:
         },
     )
 
+    # A list and a mapping that HfArgumentParser passes as JSON text (the fields are typed `X | str | None`
+    # for it: mft_trainer/json_settings.py).
+    _JSON_FIELDS = ("model_config_overrides", "target_modules")
+
     def __post_init__(self) -> None:
+        for name in self._JSON_FIELDS:
+            setattr(self, name, parse_json_text(name, getattr(self, name)))
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required: the path (or hub id) of the base model")
         try:

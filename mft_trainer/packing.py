@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -290,8 +289,3 @@ def concat_dataset(
     """Concatenate the samples in a seeded random order and cut the stream into rows of seq_length
     tokens (continued pre-training). Arguments and result as `pack_dataset`."""
     return _layout(dataset, seq_length, seed, "concat", split, cache_dir)
-
-
-def is_packed_row(feature: Any) -> bool:
-    """True for a row laid out by this module (it has per-token position_ids and task_ids)."""
-    return "position_ids" in feature and "task_ids" in feature

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainingArguments
 
 from .config import MFTConfig
 from .data_config import DataConfig
@@ -346,21 +347,38 @@ def check_recipe_paths(recipe: Recipe) -> None:
         raise RecipeError(str(e)) from None
 
 
+def _type_name(annotation: Any) -> str:
+    """`int`, `str | None`, `Optional[str]`: an annotation as written."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
 def help_text() -> str:
-    """Every recipe key with its type, default and help, grouped by config."""
+    """Every recipe key with its type, default and help: the keys mft-trainer adds first (data, model,
+    multi-task loss), then those MFTConfig inherits from TrainingArguments.
+
+    >>> print(help_text().splitlines()[2])
+    DataConfig: data
+    """
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    mft_keys = [name for name in _fields(MFTConfig) if name not in inherited]
+    training_keys = [name for name in _fields(MFTConfig) if name in inherited]
+    groups = [
+        (DataConfig, "data", list(_fields(DataConfig))),
+        (ModelConfig, "model", list(_fields(ModelConfig))),
+        (MFTConfig, "multi-task loss, CoBa, generation-based evaluation, early stopping", mft_keys),
+        (MFTConfig, "TrainingArguments (transformers)", training_keys),
+    ]
     lines = ["Recipe keys (YAML file and/or --key value overrides):"]
-    for cls in CONFIG_CLASSES:
-        lines.append(f"\n{cls.__name__}:")
+    for cls, title, names in groups:
+        lines.append(f"\n{cls.__name__}: {title}")
         hints = typing.get_type_hints(cls)
-        seen = set()
-        for name, f in _fields(cls).items():
-            if cls is MFTConfig and name in seen:
-                continue
-            seen.add(name)
+        fields = _fields(cls)
+        for name in names:
+            f = fields[name]
             default = f.default if f.default is not dataclasses.MISSING else (
                 "(computed)" if f.default_factory is dataclasses.MISSING else f.default_factory()
             )
             help_ = f.metadata.get("help", "")
-            type_name = getattr(hints.get(name), "__name__", str(hints.get(name))).replace("typing.", "")
-            lines.append(f"  --{name} ({type_name}, default {default!r})\n      {help_}")
+            lines.append(f"  --{name} ({_type_name(hints.get(name))}, default {default!r})\n      {help_}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from mft_trainer import attention
 from mft_trainer.attention import (
     PackingError,
     check_packing_support,
+    cu_seq_lens_from_starts,
     default_attn_implementation,
     probe_packing,
     reference_varlen_attention,
@@ -193,6 +194,12 @@ def test_torch_varlen_calls_the_kernel_with_the_batch_boundaries(monkeypatch, ke
     model.set_attn_implementation("sdpa")
     reference = alone(model, samples)
     assert max_segment_error(varlen, batch, order, reference) < 2e-2
+
+
+def test_cu_seq_lens_are_the_sequence_starts_over_the_flattened_batch():
+    starts = torch.tensor([[True, False, True, False], [True, False, False, True]])
+    cu_seq_lens = cu_seq_lens_from_starts(starts)
+    assert cu_seq_lens.tolist() == [0, 2, 4, 7, 8] and cu_seq_lens.dtype == torch.int32
 
 
 def test_torch_varlen_derives_boundaries_without_cu_seq_lens():

@@ -54,3 +54,13 @@ def test_peft_reading_the_deprecated_checkpointing_property_warns_nobody():
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("another deprecation", FutureWarning)
     assert [str(w.message) for w in caught] == ["another deprecation"]
+
+
+def test_a_command_prints_no_dependency_notice():
+    from .conftest import REPO
+
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--help"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.strip() == ""  # the help on stdout, nothing else
+    assert "Setting accelerator to CPU" not in run.stdout

@@ -1,8 +1,11 @@
 """Recipes: YAML + overrides -> configs, type coercion, clear errors, MFTCoder JSON migration."""
 
+import dataclasses
 import json
+import re
 
 import pytest
+from transformers import TrainingArguments
 
 from mft_trainer.mftcoder import translate_mftcoder_config
 from mft_trainer.recipe import RecipeError, help_text, parse_overrides, parse_recipe
@@ -143,6 +146,19 @@ def test_help_lists_every_section_and_field_help():
     for expected in ("ModelConfig:", "DataConfig:", "MFTConfig:", "--lora_rank", "--data_paths", "--weighted_loss_mode",
                      "--learning_rate", "Loss reduction"):
         assert expected in text
+
+
+def test_help_lists_the_mft_keys_before_those_of_training_arguments():
+    text = help_text()
+    keys = re.findall(r"^  --(\w+) \(", text, flags=re.MULTILINE)
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    first_inherited = next(i for i, key in enumerate(keys) if key in inherited)
+    assert keys[:3] == ["data_paths", "valid_data_paths", "data_split"]
+    assert "peft_type" in keys[:first_inherited] and "weighted_loss_mode" in keys[:first_inherited]
+    assert "coba_tau" in keys[:first_inherited] and "task_weights" in keys[:first_inherited]
+    assert all(key in inherited for key in keys[first_inherited:])
+    assert len(keys) == len(set(keys))
+    assert text.index("\nMFTConfig: TrainingArguments (transformers)\n") < text.index(f"\n  --{keys[first_inherited]} (")
 
 
 MFTCODER_CONFIG = {

@@ -1,10 +1,53 @@
 """The command-line entry points, run as a user runs them."""
 
+import importlib
 import json
+import runpy
 import subprocess
 import sys
+from unittest import mock
+
+import pytest
 
 from .conftest import REPO
+
+
+def console_scripts() -> dict[str, str]:
+    """setup.py's console scripts, {command: "module:function"}, read by running setup.py with
+    setuptools.setup replaced (nothing is installed)."""
+    arguments = {}
+    with mock.patch("setuptools.setup", lambda **kwargs: arguments.update(kwargs)):
+        runpy.run_path(str(REPO / "setup.py"))
+    return dict(line.replace(" ", "").split("=") for line in arguments["entry_points"]["console_scripts"])
+
+
+def test_console_scripts_name_the_command_line_programs():
+    scripts = console_scripts()
+    assert set(scripts) >= {"mft-train", "mft-chat", "mft-prepare-data", "mft-merge", "mft-convert-gguf"}
+    for command, target in scripts.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), command
+        # The same program in a checkout that is not installed.
+        wrapper = REPO / "scripts" / f"{module.rsplit('.', 1)[-1]}.py"
+        assert f"from {module} import {function}" in wrapper.read_text(), wrapper
+
+
+@pytest.mark.parametrize("command,expected", [
+    ("mft-train", "--weighted_loss_mode"),
+    ("mft-prepare-data", "--show_samples"),
+    ("mft-merge", "--adapter"),
+    ("mft-chat", "--model"),
+    ("mft-convert-gguf", "--from_package"),
+])
+def test_each_entry_point_prints_its_help(command, expected, capsys):
+    module, function = console_scripts()[command].split(":")
+    main = getattr(importlib.import_module(module), function)
+    try:
+        status = main(["--help"])
+    except SystemExit as exit_:  # argparse's --help
+        status = exit_.code
+    assert status == 0
+    assert expected in capsys.readouterr().out
 
 
 def test_prepare_data_prints_summary_samples_and_saves(tmp_path):

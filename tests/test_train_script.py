@@ -144,6 +144,11 @@ def test_bad_recipe_exits_with_a_clear_error(tmp_path):
 def test_help_lists_recipe_keys(tmp_path):
     result = run_train(["--help"], tmp_path)
     assert result.returncode == 0 and "--weighted_loss_mode" in result.stdout and "--peft_type" in result.stdout
+    # The keys mft-trainer adds come first, TrainingArguments' ~200 after them.
+    where = {key: result.stdout.index(f"\n  --{key} (") for key in ("data_paths", "peft_type", "weighted_loss_mode",
+                                                                     "output_dir", "learning_rate")}
+    assert where["data_paths"] < where["peft_type"] < where["weighted_loss_mode"] < where["output_dir"]
+    assert where["weighted_loss_mode"] < where["learning_rate"]
 
 
 @pytest.mark.distributed
