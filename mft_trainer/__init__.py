@@ -73,8 +73,10 @@ from .generation import (
 from .model_loading import (
     load_model_and_tokenizer,
 )
-from .modeling import (
+from .model_config import (
     ModelConfig,
+)
+from .modeling import (
     load_model,
     load_tokenizer,
 )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
-from .modeling import resolve_dtype
+from .model_config import resolve_dtype
 from .paths import check_local_path
 from .prompt_format import ChatTemplateMode, get_prompt_format
 from .rendering import RoleMarkers

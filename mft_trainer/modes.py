@@ -152,3 +152,15 @@ class EmptyAnswers(SettingEnum):
     @classmethod
     def _setting(cls) -> str:
         return "empty_answers"
+
+
+class PeftType(SettingEnum):
+    """What trains (`peft_type`): the whole model, or LoRA adapters over a frozen base."""
+
+    NONE = "none"  # full fine-tuning
+    LORA = "lora"
+    QLORA = "qlora"  # LoRA over a 4-bit (NF4) or 8-bit quantized base
+
+    @classmethod
+    def _setting(cls) -> str:
+        return "peft_type"

@@ -29,7 +29,8 @@ from transformers import TrainingArguments
 
 from .config import MFTConfig
 from .data_config import DataConfig
-from .modeling import ModelConfig, check_model_paths
+from .model_config import ModelConfig
+from .modeling import check_model_paths
 
 CONFIG_CLASSES: tuple[type, ...] = (ModelConfig, DataConfig, MFTConfig)
 

@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 
 from mft_trainer.config import MFTConfig
 from mft_trainer.data_config import DataConfig
-from mft_trainer.modeling import ModelConfig
+from mft_trainer.model_config import ModelConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 

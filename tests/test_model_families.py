@@ -8,7 +8,8 @@ from datasets import Dataset
 
 from mft_trainer import MFTConfig, MFTTrainer, TaskRegistry
 from mft_trainer.collator import DataCollatorForMFT
-from mft_trainer.modeling import ModelConfig, load_model
+from mft_trainer.model_config import ModelConfig
+from mft_trainer.modeling import load_model
 
 from .distributed.one_step import make_samples
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from mft_trainer.model_config import ModelConfig
 from mft_trainer.modeling import (
-    ModelConfig,
     keep_4bit_weights_trainable,
     load_model,
     load_tokenizer,

@@ -10,7 +10,8 @@ import transformers
 import mft_trainer
 import mft_trainer.modeling
 from mft_trainer.model_loading import load_model_and_tokenizer
-from mft_trainer.modeling import ModelConfig, load_model, load_tokenizer
+from mft_trainer.model_config import ModelConfig
+from mft_trainer.modeling import load_model, load_tokenizer
 from mft_trainer.paths import check_local_path, looks_local
 
 from .conftest import REPO

@@ -37,7 +37,7 @@ from transformers import set_seed
 from mft_trainer.batch_inference import BatchInputError, run_batch
 from mft_trainer.generation import ChatSession, GenerationOptions
 from mft_trainer.model_loading import load_model_and_tokenizer, saved_prompt_format
-from mft_trainer.modeling import DTYPE_CHOICES
+from mft_trainer.model_config import DTYPE_CHOICES
 from mft_trainer.terminal_chat import CHAT_COMMANDS, run_interactive
 from mft_trainer.rendering import RoleMarkers
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from mft_trainer.chat_template import install_chat_template, is_mft_chat_template
 from mft_trainer.model_loading import adapter_base_model, is_adapter_dir, load_model_and_tokenizer, saved_prompt_format
-from mft_trainer.modeling import DTYPE_CHOICES, add_stop_token
+from mft_trainer.model_config import DTYPE_CHOICES
+from mft_trainer.modeling import add_stop_token
 from mft_trainer.rendering import MFTCoderFormat
 from mft_trainer.paths import check_local_path
 from mft_trainer.run_artifacts import RUN_CONFIG_FILE

@@ -38,7 +38,9 @@ from mft_trainer.attention import default_attn_implementation  # also registers 
 from mft_trainer.chat_template import install_chat_template
 from mft_trainer.checkpoints import IncompleteCheckpointError, check_checkpoint, last_complete_checkpoint
 from mft_trainer.generation_eval import GenerationEvalCallback, read_generation_eval_sets
-from mft_trainer.modeling import ModelConfig, PeftType, add_stop_token, resolve_model_path, trainable_parameters
+from mft_trainer.model_config import ModelConfig
+from mft_trainer.modeling import add_stop_token, resolve_model_path, trainable_parameters
+from mft_trainer.modes import PeftType
 from mft_trainer.prompt_format import ChatTemplateMode, template_source
 from mft_trainer.recipe import RecipeError, check_recipe_paths, help_text, parse_recipe
 from mft_trainer.run_artifacts import write_run_config

@@ -45,7 +45,8 @@ from transformers import AutoTokenizer, TrainerCallback, set_seed  # noqa: E402
 from mft_trainer import DataCollatorForMFT, DataConfig, MFTConfig, MFTTrainer, build_mft_dataset  # noqa: E402
 from mft_trainer.constants import IGNORE_INDEX  # noqa: E402
 from mft_trainer.generation_eval import GenerationEvalCallback, attach_humaneval_tests, score  # noqa: E402
-from mft_trainer.modeling import ModelConfig, load_model  # noqa: E402
+from mft_trainer.model_config import ModelConfig  # noqa: E402
+from mft_trainer.modeling import load_model  # noqa: E402
 from mft_trainer.packing import pack_dataset  # noqa: E402
 from mft_trainer.splitting import split_indices  # noqa: E402
 
