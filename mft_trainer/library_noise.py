@@ -9,8 +9,9 @@ name, so they hold for loggers the libraries create later):
 - DeepSpeed warns "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable
   to detect it" at import on every machine without CUDA. It prints to stdout, where it also corrupts
   the output of commands whose stdout is read (`scripts/convert_gguf.py` prints the checkpoint path).
-- PEFT reads transformers' deprecated `is_gradient_checkpointing` in every `get_peft_model`, which
-  raises a FutureWarning ("use is_activation_checkpointing") addressed to PEFT's authors.
+- PEFT reads transformers' deprecated `is_gradient_checkpointing` in every `get_peft_model`, and
+  calls `gradient_checkpointing_enable` for QLoRA (`prepare_model_for_kbit_training`): each raises a
+  FutureWarning ("use is_activation_checkpointing") addressed to PEFT's authors.
 
 Every other message of these loggers still shows. `MFT_SHOW_LIBRARY_NOISE=1` turns the filters off.
 """
@@ -41,7 +42,8 @@ def silence_library_noise() -> None:
     """Attach the filters of `KNOWN_NOISE` (once; a no-op with MFT_SHOW_LIBRARY_NOISE=1)."""
     if os.environ.get("MFT_SHOW_LIBRARY_NOISE") == "1":
         return
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    for name in ("is_gradient_checkpointing", "gradient_checkpointing_enable"):
+        warnings.filterwarnings("ignore", message=f"`{name}` is deprecated", category=FutureWarning)
     for name, beginnings in KNOWN_NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):

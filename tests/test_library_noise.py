@@ -52,6 +52,7 @@ def test_peft_reading_the_deprecated_checkpointing_property_warns_nobody():
 
         silence_library_noise()  # catch_warnings reset the filters
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("another deprecation", FutureWarning)
     assert [str(w.message) for w in caught] == ["another deprecation"]
 

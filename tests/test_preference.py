@@ -114,3 +114,19 @@ def test_preference_recipes_run_in_full_precision_without_a_bf16_gpu(tmp_path, m
     assert recipe_module.parse_recipe(argv).training.bf16 is False
     monkeypatch.setattr(recipe_module, "_bf16_gpu", lambda: True)
     assert recipe_module.parse_recipe(argv + ["--use_cpu", "true", "--bf16", "false"]).training.bf16 is False
+
+
+@pytest.mark.parametrize("extra,enabled", [([], True), (["--gradient_checkpointing", "false"], False)])
+def test_preference_recipes_set_checkpointing_without_a_deprecation_warning(tmp_path, extra, enabled):
+    """TRL's configs default gradient_checkpointing to True, a name transformers warns about on every
+    run; the recipe passes it under the current name, with TRL's default or the recipe's value."""
+    import warnings
+
+    from mft_trainer.recipe import parse_recipe
+
+    argv = [str(REPO / "examples/recipes/smollm2-dpo.yaml"), "--output_dir", str(tmp_path), "--use_cpu", "true"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*deprecated", category=FutureWarning)
+        training = parse_recipe(argv + extra).training
+    assert training.gradient_checkpointing is enabled
+    assert getattr(training, "activation_checkpointing", enabled) is enabled
