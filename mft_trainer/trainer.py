@@ -30,7 +30,6 @@ warned about (mft_trainer/divergence.py). Resuming takes complete checkpoints on
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -62,6 +61,7 @@ from .divergence import (
     non_finite_parameters,
     uniform_loss_text,
 )
+from .eval_padding import pad_eval_set_for_ranks, real_length
 from .losses import (
     LossNormalizers,
     combine_task_sums,
@@ -450,9 +450,9 @@ class MFTTrainer(Trainer):
             sums = self._eval_sums
         finally:
             self._eval_sums = None
-        dataset = getattr(dataloader, "dataset", None)
-        if isinstance(dataset, _PaddedDataset):
-            output = output._replace(num_samples=dataset.total_dataset_length)
+        num_samples = real_length(getattr(dataloader, "dataset", None))
+        if num_samples is not None:
+            output = output._replace(num_samples=num_samples)
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
         if sums[2].sum() > 0:
@@ -487,10 +487,7 @@ class MFTTrainer(Trainer):
         if not is_training and ranks > 1 and not self.args.dataloader_drop_last:
             # accelerate's global batch: split_batches divides `batch_size` among the ranks.
             global_batch = batch_size if self.accelerator.split_batches else batch_size * ranks
-            padded = pad_for_even_batches(dataset, global_batch)
-            if padded is not dataset and sampler_fn is not None:
-                sampler_fn = functools.partial(_sampler_with_placeholders_last, sampler_fn)
-            dataset = padded
+            dataset, sampler_fn = pad_eval_set_for_ranks(dataset, global_batch, sampler_fn)
         return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -765,85 +762,3 @@ def row_tasks(dataset: Any) -> list[int]:
         counts = np.bincount(row["task_ids"][trained], minlength=1)
         tasks.append(int(counts.argmax()))
     return tasks
-
-
-class _PaddedDataset(torch.utils.data.Dataset):
-    """`dataset` followed by `extra` copies of `placeholder`.
-
-    `total_dataset_length` is the length without them: accelerate reads it to know how many items
-    of the last gathered batch are real, so `gather_for_metrics` (the Trainer's predictions, hence
-    `compute_metrics` and `predict`) drops the placeholders as it drops repeated samples. That holds
-    while they come last, which `_sampler_with_placeholders_last` keeps true for any sampler.
-    """
-
-    def __init__(self, dataset: Any, placeholder: dict[str, Any], extra: int):
-        self.dataset, self.placeholder, self.extra = dataset, placeholder, extra
-        self.total_dataset_length = len(dataset)
-
-    def __len__(self) -> int:
-        return self.total_dataset_length + self.extra
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index] if index < self.total_dataset_length else dict(self.placeholder)
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        """Batched reads, as the DataLoader makes them (one Arrow read for a datasets.Dataset)."""
-        real = [i for i in indices if i < self.total_dataset_length]
-        read = getattr(self.dataset, "__getitems__", None)
-        items = list(read(real)) if read is not None and real else [self.dataset[i] for i in real]
-        return items + [dict(self.placeholder) for _ in range(len(indices) - len(real))]
-
-
-class _PlaceholdersLast(torch.utils.data.Sampler):
-    """The indices of `sampler` (over the set without placeholders), then the placeholders'."""
-
-    def __init__(self, sampler: Any, size: int, extra: int):
-        self.sampler, self.size, self.extra = sampler, size, extra
-
-    def __iter__(self) -> Iterator[int]:
-        yield from self.sampler
-        yield from range(self.size, self.size + self.extra)
-
-    def __len__(self) -> int:
-        return len(self.sampler) + self.extra
-
-
-def _sampler_with_placeholders_last(sampler_fn: Any, padded: _PaddedDataset) -> Any:
-    """The Trainer's eval sampler over the set itself (a length-grouped one reads its lengths), with
-    the placeholders after it; None (sequential order) stays None."""
-    sampler = sampler_fn(padded.dataset)
-    return None if sampler is None else _PlaceholdersLast(sampler, padded.total_dataset_length, padded.extra)
-
-
-def pad_for_even_batches(dataset: Any, multiple: int) -> Any:
-    """`dataset` with items appended up to a multiple of `multiple` (accelerate's global batch), each a
-    one-token copy of the first item with no trained token, so it adds nothing to any loss or count.
-
-    accelerate gives every rank the same number of full batches (each rank must run every forward:
-    DDP, ZeRO-3 and FSDP exchange data in it) by completing the last ones with samples from the start
-    of the set; these placeholders take their place. A set that already divides evenly, has no length
-    (an IterableDataset) or is empty is returned as it is.
-    """
-    if multiple <= 1 or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-        return dataset
-    size = len(dataset)
-    extra = -size % multiple
-    if size == 0 or extra == 0:
-        return dataset
-    first = dataset[0]
-    if not isinstance(first, dict) or "labels" not in first:
-        return dataset
-    placeholder = {}
-    for key, value in first.items():
-        # Lists, tensors and numpy arrays with a token axis (a 0-d task_id is not one).
-        if (isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0) and len(value) > 0:
-            value = value[:1]  # every per-token field keeps one token
-        placeholder[key] = value
-    labels = placeholder["labels"]
-    if isinstance(labels, torch.Tensor):
-        placeholder["labels"] = torch.full_like(labels, IGNORE_INDEX)
-    elif isinstance(labels, np.ndarray):
-        placeholder["labels"] = np.full_like(labels, IGNORE_INDEX)
-    else:
-        placeholder["labels"] = [IGNORE_INDEX]
-    return _PaddedDataset(dataset, placeholder, extra)
