@@ -15,7 +15,7 @@ All reductions are vectorised and avoid boolean indexing, so they cause no host-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,35 @@ from torch import Tensor
 
 from .constants import IGNORE_INDEX
 from .modes import LossMode
+
+
+class LossTargets(NamedTuple):
+    """The keys of a batch that feed the loss and never reach the model's forward, per the batch
+    contract: ``labels``, ``task_ids``, ``segment_ids`` (each ``[B, L]``)."""
+
+    labels: Tensor
+    task_ids: Tensor
+    segment_ids: Tensor
+
+
+def split_loss_targets(batch: Mapping[str, Any]) -> tuple[LossTargets, dict[str, Any]]:
+    """The loss's keys of `batch` and the rest, the model's inputs (`batch` itself is not changed).
+
+    >>> targets, inputs = split_loss_targets(collator(samples))     # doctest: +SKIP
+    >>> sorted(inputs)                                               # doctest: +SKIP
+    ['attention_mask', 'input_ids']
+
+    Raises:
+        ValueError: a key of the contract is missing (the batch was not made by DataCollatorForMFT).
+    """
+    missing = [key for key in LossTargets._fields if key not in batch]
+    if missing:
+        raise ValueError(
+            f"the batch has no {missing}: MFTTrainer needs batches from DataCollatorForMFT (the default "
+            "collator) over rows of build_mft_dataset"
+        )
+    inputs = dict(batch)
+    return LossTargets(*(inputs.pop(key) for key in LossTargets._fields)), inputs
 
 
 def trained_mask(labels: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, Tr
 
 from .attention import check_packing_support
 from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
-from .chunked_loss import OutputHeadLoss
+from .chunked_loss import OutputHeadLoss, choose_output_head_loss, forward_per_token_loss
 from .coba import CoBaBalancer, ValidationStream
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
@@ -68,11 +68,11 @@ from .losses import (
     count_normalizers,
     loss_coefficients,
     loss_dtype,
-    per_token_cross_entropy,
+    split_loss_targets,
     task_loss_sums,
 )
 from .modeling import keep_4bit_weights_trainable
-from .modes import CoBaValidSampling, LossImplementation, LossMode
+from .modes import CoBaValidSampling, LossMode
 from .segments import padding_token_id
 from .run_artifacts import COBA_STATE_FILE, GENERATION_CONFIG_FILE, RUN_ARTIFACTS, write_run_config
 from .tasks import TaskRegistry
@@ -80,9 +80,6 @@ from .tasks import TaskRegistry
 # Dataset columns the collator needs; the Trainer would otherwise drop those the model's forward
 # does not name (task_id above all).
 DATASET_COLUMNS = ["input_ids", "labels", "task_id", "task_ids", "segment_ids", "position_ids", "attention_mask"]
-# Batch keys that feed the loss and never reach the model's forward.
-LOSS_KEYS = ("labels", "task_ids", "segment_ids")
-# The CoBa balancer's state, saved beside the model in every checkpoint.
 
 logger = logging.getLogger(__name__)
 
@@ -286,17 +283,8 @@ class MFTTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        missing = [key for key in LOSS_KEYS if key not in inputs]
-        if missing:
-            raise ValueError(
-                f"the batch has no {missing}: MFTTrainer needs batches from DataCollatorForMFT (the default "
-                "collator) over rows of build_mft_dataset"
-            )
-        inputs = dict(inputs)
-        labels, task_ids, segment_ids = (inputs.pop(key) for key in LOSS_KEYS)
-        batch_counts = count_normalizers(
-            [{"labels": labels, "task_ids": task_ids, "segment_ids": segment_ids}], self.num_tasks
-        )
+        targets, inputs = split_loss_targets(inputs)
+        batch_counts = count_normalizers([targets._asdict()], self.num_tasks)
         if model.training:
             normalizers = self._step_normalizers if self._step_normalizers is not None else batch_counts
             weights = self._task_weights if self.coba is None else self._coba_weights
@@ -306,12 +294,10 @@ class MFTTrainer(Trainer):
         coefficients = None
         if head_loss is not None and model.training and torch.is_grad_enabled():
             # The fused layer computes the gradient of sum(coefficients * per-token loss) in its forward.
-            coefficients = loss_coefficients(
-                labels, task_ids, segment_ids, self.loss_mode, normalizers, weights.to(labels.device),
-                dtype=loss_dtype(head_loss.head.weight.dtype),
-            )
-        outputs, per_token, fused_loss = self._forward_per_token_loss(model, inputs, labels, head_loss, coefficients)
-        sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)  # [2, T]
+            coefficients = loss_coefficients(*targets, self.loss_mode, normalizers, weights.to(targets.labels.device),
+                                             dtype=loss_dtype(head_loss.head.weight.dtype))
+        outputs, per_token, fused_loss = forward_per_token_loss(model, inputs, targets.labels, head_loss, coefficients)
+        sums = task_loss_sums(per_token, *targets, self.num_tasks)  # [2, T]
         if fused_loss is None:
             loss = combine_task_sums(sums, self.loss_mode, normalizers, weights.to(per_token.device))
         else:
@@ -322,7 +308,6 @@ class MFTTrainer(Trainer):
             self._add_train_sums(torch.stack([sums[0].detach().float(), batch_counts.tokens_per_task]))
         else:
             self._add_eval_sums(torch.cat([sums.detach().float(), batch_counts.stacked()]))
-
         aux_loss = getattr(outputs, "aux_loss", None)
         if aux_loss is not None:
             # Mixture-of-experts load balancing, as transformers adds it to the model's own loss; one
@@ -333,56 +318,15 @@ class MFTTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _output_head_loss(self, model: nn.Module, inputs: dict[str, Any]) -> OutputHeadLoss | None:
-        """The chunked loss for this model, or None for the plain path; decided at the first call
-        (`loss_implementation`), with a probe forward on a few tokens of the first batch."""
-        if self._head_loss_resolved:
-            return self._head_loss
-        self._head_loss_resolved = True
-        choice = self.args.loss_implementation
-        if choice == "plain":
-            return None
-        if choice == "auto" and self.args.torch_compile:
-            # The output layer's forward is swapped at every step; a compiled model would recompile.
-            logger.info("per-token loss: plain (full logits), because torch_compile is on")
-            return None
-        head, reason = OutputHeadLoss.find_head(self.accelerator.unwrap_model(model))
-        if head is not None:
-            candidate = OutputHeadLoss(head, self.args.loss_chunk_size or None)
-            reason = candidate.probe(model, inputs["input_ids"][:1, :16]) or ""
-            if not reason:
-                self._head_loss = candidate
-                logger.info("per-token loss: chunked, %d positions per chunk", candidate.chunk_size)
-                return candidate
-        if choice == "chunked":
-            raise ValueError(
-                f"loss_implementation: chunked cannot be used with this model: {reason}. Use loss_implementation: "
-                "plain (or auto, which falls back to plain)."
+        """The chunked loss for this model, or None for the plain path; chosen at the first call, with
+        a probe forward on a few tokens of the first batch (`choose_output_head_loss`)."""
+        if not self._head_loss_resolved:
+            self._head_loss = choose_output_head_loss(
+                model, inputs["input_ids"][:1, :16], self.args.loss_implementation, self.args.loss_chunk_size,
+                torch_compile=self.args.torch_compile, unwrapped=self.accelerator.unwrap_model(model),
             )
-        logger.info("per-token loss: plain (full logits), because %s", reason)
-        return None
-
-    @staticmethod
-    def _forward_per_token_loss(
-        model: nn.Module,
-        inputs: dict[str, Any],
-        labels: torch.Tensor,
-        head_loss: OutputHeadLoss | None,
-        coefficients: torch.Tensor | None = None,
-    ) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
-        """The forward and its per-token loss ``[B, L]``: (outputs, per-token loss, loss or None). The
-        loss is there when the chunked output layer computed it (and its gradient) from `coefficients`;
-        without `head_loss`, the plain path takes the model's full logits."""
-        if head_loss is None:
-            outputs = model(**inputs, use_cache=False)
-            return outputs, per_token_cross_entropy(outputs.logits, labels), None
-        with head_loss.computing(labels, coefficients) as result:
-            outputs = model(**inputs, use_cache=False)
-        if result.per_token is None:
-            raise RuntimeError("the model's forward did not call its output layer; use loss_implementation: plain")
-        # The loss as the model returned it (in place of logits), not result.loss: hooks on the layer's
-        # output (DeepSpeed ZeRO-3 gathers the layer's weight in them before its backward) must see it.
-        loss = None if result.loss is None else outputs.logits.reshape(())
-        return outputs, result.per_token, loss
+            self._head_loss_resolved = True
+        return self._head_loss
 
     def prediction_step(
         self,
@@ -673,17 +617,15 @@ class MFTTrainer(Trainer):
         totals = torch.zeros(2, self.num_tasks, dtype=torch.float64, device=self.args.device)
         try:
             for rows in batches:
-                inputs = self._prepare_inputs(self.data_collator([self._coba_dataset[i] for i in rows or [0]]))
-                labels, task_ids, segment_ids = (inputs.pop(key) for key in LOSS_KEYS)
+                batch = self._prepare_inputs(self.data_collator([self._coba_dataset[i] for i in rows or [0]]))
+                targets, inputs = split_loss_targets(batch)
                 # No gradient and no graph: these forwards are CoBa's only cost.
                 head_loss = self._output_head_loss(model, inputs)
                 with torch.no_grad(), self.compute_loss_context_manager():
-                    _, per_token, _ = self._forward_per_token_loss(model, inputs, labels, head_loss)  # [B, L]
+                    _, per_token, _ = forward_per_token_loss(model, inputs, targets.labels, head_loss)  # [B, L]
                 if rows:
-                    token_sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)[0]  # [T]
-                    counts = count_normalizers(
-                        [{"labels": labels, "task_ids": task_ids, "segment_ids": segment_ids}], self.num_tasks
-                    )
+                    token_sums = task_loss_sums(per_token, *targets, self.num_tasks)[0]  # [T]
+                    counts = count_normalizers([targets._asdict()], self.num_tasks)
                     totals += torch.stack([token_sums.double(), counts.tokens_per_task.double()])
         finally:
             model.train(was_training)
