@@ -37,7 +37,7 @@ import torch
 from .paths import check_local_path
 from .formats import decode_json, prompt_messages
 from .sources import SourceKind, iter_json_texts
-from .run_artifacts import read_run_config
+from .run_artifacts import has_generation_config, read_run_config
 from .records import InvalidRecord, Problem, RecordError
 from .gguf_conversion import converted_gguf_checkpoint, is_gguf_path
 from .prompt_format import ChatTemplateMode, build_inference_prompt, get_prompt_format
@@ -150,7 +150,7 @@ def load_model_and_tokenizer(
             # Training added tokens and saved the resized embeddings with the adapter.
             model.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(model, str(model_path))
-        if (Path(model_path) / "generation_config.json").is_file():
+        if has_generation_config(model_path):
             # Training saves the generation config beside the adapter: it stops at the trained end of turn.
             from transformers import GenerationConfig
 

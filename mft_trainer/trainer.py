@@ -30,11 +30,9 @@ warned about (mft_trainer/divergence.py). Resuming takes complete checkpoints on
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,7 +72,7 @@ from .losses import (
 from .modeling import keep_4bit_weights_trainable
 from .modes import CoBaValidSampling, LossMode
 from .segments import padding_token_id
-from .run_artifacts import COBA_STATE_FILE, GENERATION_CONFIG_FILE, RUN_ARTIFACTS, write_run_config
+from .run_artifacts import COBA_STATE_FILE, copy_run_artifacts, read_coba_state, save_run_artifacts, write_coba_state
 from .tasks import TaskRegistry
 
 # Dataset columns the collator needs; the Trainer would otherwise drop those the model's forward
@@ -455,24 +453,15 @@ class MFTTrainer(Trainer):
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_run_artifacts(self, output_dir: str) -> None:
-        self.tasks.save(output_dir)
-        if self.run_config is not None:
-            write_run_config(output_dir, self.run_config)
-        generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
-        if generation_config is not None and not os.path.isfile(os.path.join(output_dir, GENERATION_CONFIG_FILE)):
-            generation_config.save_pretrained(output_dir)  # PEFT saves the adapter only
+        save_run_artifacts(output_dir, self.tasks.to_dict(), self.run_config, self.accelerator.unwrap_model(self.model))
         if self.coba is not None:
-            with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(self.coba.state_dict(), f)
+            write_coba_state(output_dir, self.coba.state_dict())
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The Trainer's push of a checkpoint (`hub_strategy`), which copies the checkpoint's model
         files into output_dir and uploads that: the run artefacts are copied too."""
         if self.args.should_save:
-            for name in RUN_ARTIFACTS:
-                source = os.path.join(checkpoint_folder, name)
-                if os.path.isfile(source):
-                    shutil.copy(source, os.path.join(self.args.output_dir, name))
+            copy_run_artifacts(checkpoint_folder, self.args.output_dir)
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -578,10 +567,9 @@ class MFTTrainer(Trainer):
         self.coba.reset()
         self._coba_log_sums = None
         if checkpoint is not None:
-            path = os.path.join(checkpoint, COBA_STATE_FILE)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    self.coba.load_state_dict(json.load(f))
+            state = read_coba_state(checkpoint)
+            if state is not None:
+                self.coba.load_state_dict(state)
             else:
                 logger.warning(
                     "%s has no %s (not saved by a coba run): CoBa starts afresh, measuring the initial "

@@ -39,7 +39,7 @@ from mft_trainer.modeling import (
 )
 from mft_trainer.generation_eval import GenerationEvalCallback, read_generation_eval_sets
 from mft_trainer.prompt_format import ChatTemplateMode, template_source
-from mft_trainer.run_artifacts import write_run_config
+from mft_trainer.run_artifacts import write_generation_config, write_run_config
 from mft_trainer.recipe import RecipeError, check_recipe_paths, help_text, parse_recipe
 
 logger = logging.getLogger("mft_trainer.train")
@@ -120,8 +120,7 @@ def train_preference(recipe, resume_from) -> int:
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         # What chat.py and merge_lora.py read: the prompt format (and the stage) of this model.
-        if not (Path(args.output_dir) / "generation_config.json").is_file():
-            model.generation_config.save_pretrained(args.output_dir)
+        write_generation_config(args.output_dir, model)
         write_run_config(args.output_dir, {"stage": recipe.stage, "model": asdict(model_config),
                                            "data": asdict(data_config), "training": args.to_dict()})
     if data.valid is not None:
