@@ -15,11 +15,11 @@ it were one batch. Data-parallel backends average gradients over ranks, so each 
 is multiplied by the number of ranks; the Trainer must not divide it again by the accumulation steps
 (`loss_is_scaled_for_ga = True`).
 
-With `weighted_loss_mode: coba`, a callback drives the CoBa balancer (mft_trainer/coba.py, docs/coba.md):
-it measures the per-task validation losses before training and after every `coba_update_interval`
-optimizer steps, and the weights it returns feed the case3 reduction of the following steps. The
-balancer's state is saved beside the model in every checkpoint (`coba_state.json`) and restored by
-`train(resume_from_checkpoint=...)`.
+With `weighted_loss_mode: coba`, a callback drives the CoBa balancer (mft_trainer/coba_training.py,
+docs/coba.md): it measures the per-task validation losses before training and after every
+`coba_update_interval` optimizer steps, and the weights it returns feed the case3 reduction of the
+following steps. The balancer's state is saved beside the model in every checkpoint
+(`coba_state.json`) and restored by `train(resume_from_checkpoint=...)`.
 
 A run that diverges stops at the first NaN or infinite loss, gradient norm or weight, before the
 optimizer applies it or a checkpoint saves it; one that collapses (a gradient of exactly 0) is
@@ -33,23 +33,21 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
+import datasets
 import torch
-from accelerate.utils import broadcast
 from torch import nn
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
 from .attention import check_packing_support
 from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
 from .chunked_loss import OutputHeadLoss, choose_output_head_loss, forward_per_token_loss
-from .coba import CoBaBalancer, ValidationStream
+from .coba_training import CoBaCallback
 from .collator import DataCollatorForMFT
 from .config import MFTConfig
-from .constants import IGNORE_INDEX
 from .divergence import (
     REMEDY,
     NonFiniteGradientError,
@@ -70,9 +68,9 @@ from .losses import (
     task_loss_sums,
 )
 from .modeling import keep_4bit_weights_trainable
-from .modes import CoBaValidSampling, LossMode
+from .modes import LossMode
 from .segments import padding_token_id
-from .run_artifacts import COBA_STATE_FILE, copy_run_artifacts, read_coba_state, save_run_artifacts, write_coba_state
+from .run_artifacts import copy_run_artifacts, save_run_artifacts
 from .tasks import TaskRegistry
 
 # Dataset columns the collator needs; the Trainer would otherwise drop those the model's forward
@@ -167,9 +165,11 @@ class MFTTrainer(Trainer):
         self._logits_wanted = False  # set by prediction_step when the caller needs real logits
         self._optimizer_steps_checked = 0  # optimizer steps of this train() call whose gradient was checked
         self._zero_gradient_steps: list[int] = []  # those with a gradient of exactly 0 and trained tokens
-        self.coba: CoBaBalancer | None = None
+        self.coba: CoBaCallback | None = None
         if self.loss_mode is LossMode.COBA:
-            self._init_coba(eval_dataset)
+            self.coba = CoBaCallback(self.tasks, args, self.accelerator, validation_set=self._coba_validation_set,
+                                     measure=self._validation_loss_sums, log=self.log)
+            self.add_callback(self.coba)
 
     @property
     def num_tasks(self) -> int:
@@ -231,7 +231,7 @@ class MFTTrainer(Trainer):
         """Record an optimizer step whose gradient is exactly 0 although it trains tokens (of tasks with
         a weight), and warn at the first: a collapsed run would otherwise end without a word."""
         counts = self._step_normalizers
-        weights = self._task_weights if self.coba is None else self._coba_weights
+        weights = self._task_weights if self.coba is None else self.coba.loss_weights
         if counts is None:
             return
         tokens = int((counts.tokens_per_task.cpu() * (weights.cpu() > 0)).sum())
@@ -285,7 +285,7 @@ class MFTTrainer(Trainer):
         batch_counts = count_normalizers([targets._asdict()], self.num_tasks)
         if model.training:
             normalizers = self._step_normalizers if self._step_normalizers is not None else batch_counts
-            weights = self._task_weights if self.coba is None else self._coba_weights
+            weights = self._task_weights if self.coba is None else self.coba.loss_weights
         else:
             normalizers, weights = batch_counts, self._task_weights
         head_loss = None if (return_outputs and self._logits_wanted) else self._output_head_loss(model, inputs)
@@ -361,7 +361,7 @@ class MFTTrainer(Trainer):
                     logs[f"loss/{name}"] = (sums[0, task_id] / sums[1, task_id]).item()
             self._train_sums = None
             if self.coba is not None:
-                self._add_coba_logs(logs)
+                self.coba.add_logs(logs)
         super().log(logs, start_time)
 
     def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> TrainOutput:
@@ -455,7 +455,7 @@ class MFTTrainer(Trainer):
     def _save_run_artifacts(self, output_dir: str) -> None:
         save_run_artifacts(output_dir, self.tasks.to_dict(), self.run_config, self.accelerator.unwrap_model(self.model))
         if self.coba is not None:
-            write_coba_state(output_dir, self.coba.state_dict())
+            self.coba.save(output_dir)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The Trainer's push of a checkpoint (`hub_strategy`), which copies the checkpoint's model
@@ -492,7 +492,7 @@ class MFTTrainer(Trainer):
         """
         resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
         if self.coba is not None:
-            self._restore_coba(resume_from_checkpoint)
+            self.coba.restore(resume_from_checkpoint)
         self._optimizer_steps_checked, self._zero_gradient_steps = 0, []
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
         # The caller saves the final model next (scripts/train.py does): not if it is damaged.
@@ -528,167 +528,28 @@ class MFTTrainer(Trainer):
 
     # ---- CoBa ------------------------------------------------------------------------------------
 
-    def _init_coba(self, eval_dataset: Any) -> None:
-        if eval_dataset is None:
-            raise ValueError(
-                "weighted_loss_mode 'coba' needs an eval_dataset: CoBa weights the tasks by the slopes of their "
-                "validation losses. Pass eval_dataset=data.valid (build_mft_dataset with a data_split that keeps a "
-                "validation part, e.g. '95,5', or valid_data_paths), or use weighted_loss_mode 'case3'"
-            )
-        map_style = hasattr(eval_dataset, "__len__") and hasattr(eval_dataset, "__getitem__")
-        if isinstance(eval_dataset, dict) or not map_style:
-            raise ValueError(
-                "weighted_loss_mode 'coba' needs one map-style eval_dataset (with len and indexing, like "
-                f"build_mft_dataset(...).valid), got {type(eval_dataset).__name__}"
-            )
-        if len(eval_dataset) == 0:
-            raise ValueError("weighted_loss_mode 'coba' needs validation samples, but eval_dataset is empty")
-        args = self.args
-        self.coba = CoBaBalancer(
-            self.num_tasks,
-            initial_weights=self.tasks.weights,
-            warmup_steps=args.coba_warmup_steps,
-            history_length=args.coba_history_length,
-            tau=args.coba_tau,
-            update_interval=args.coba_update_interval,
-        )
-        self._sync_coba_weights()
-        self._coba_log_sums: torch.Tensor | None = None  # [2, T]: validation loss sums, tokens (logging window)
-        self._coba_stream: ValidationStream | None = None
-        self.add_callback(_CoBaCallback(self))
+    def _coba_validation_set(self) -> Any:
+        """The eval set as the Trainer's evaluation reads it (a datasets.Dataset loses the columns
+        that evaluation drops): the rows CoBa measures."""
+        if isinstance(self.eval_dataset, datasets.Dataset):
+            return self._remove_unused_columns(self.eval_dataset, description="CoBa validation")
+        return self.eval_dataset
 
-    def _sync_coba_weights(self) -> None:
-        """Set the weights compute_loss uses: until CoBa's first update the configured task weights
-        themselves, so that a coba run is exactly case3 during warmup."""
-        self._coba_weights = self._task_weights if self.coba.num_updates == 0 else self.coba.weights.float()  # [T]
-
-    def _restore_coba(self, checkpoint: str | None) -> None:
-        """Load the balancer's state from `checkpoint`, or reset it (L_i(0) is then measured at train begin)."""
-        self.coba.reset()
-        self._coba_log_sums = None
-        if checkpoint is not None:
-            state = read_coba_state(checkpoint)
-            if state is not None:
-                self.coba.load_state_dict(state)
-            else:
-                logger.warning(
-                    "%s has no %s (not saved by a coba run): CoBa starts afresh, measuring the initial "
-                    "validation losses on the resumed model", checkpoint, COBA_STATE_FILE,
-                )
-        self._sync_coba_weights()
-
-    def _coba_validation_stream(self) -> ValidationStream:
-        if self._coba_stream is None:
-            # Same columns as the Trainer's own evaluation batches.
-            self._coba_dataset = self._remove_unused_columns(self.eval_dataset, description="CoBa validation")
-            uniform = self.args.coba_valid_sampling == CoBaValidSampling.UNIFORM.value
-            self._coba_stream = ValidationStream(
-                size=len(self._coba_dataset),
-                batch_size=self.args.per_device_eval_batch_size,
-                num_ranks=self.accelerator.num_processes,
-                rank=self.accelerator.process_index,
-                seed=self.args.seed,
-                row_tasks=row_tasks(self._coba_dataset) if uniform else None,
-            )
-        return self._coba_stream
-
-    def _coba_measure(self, batches: list[list[int]]) -> torch.Tensor:
-        """Per-task validation loss sums and trained tokens over `batches` (rows of the eval dataset; an
-        empty batch runs one row and counts nothing), summed over ranks.
-
-        Returns:
-            ``[2, T]`` float64 on every rank the same: token loss sums, trained tokens.
-        """
-        model = self.model  # as the Trainer's evaluation inside training: unwrapped DDP, wrapped FSDP/DeepSpeed
+    def _validation_loss_sums(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """CoBa's measure: per-task validation loss sums and trained tokens of one batch of eval rows,
+        ``[2, T]`` float64, from a forward without gradient in eval mode (the model as the Trainer's
+        evaluation inside training runs it: unwrapped DDP, wrapped FSDP/DeepSpeed)."""
+        targets, inputs = split_loss_targets(self._prepare_inputs(self.data_collator(list(rows))))
+        model = self.model
         was_training = model.training
         model.eval()
-        totals = torch.zeros(2, self.num_tasks, dtype=torch.float64, device=self.args.device)
         try:
-            for rows in batches:
-                batch = self._prepare_inputs(self.data_collator([self._coba_dataset[i] for i in rows or [0]]))
-                targets, inputs = split_loss_targets(batch)
-                # No gradient and no graph: these forwards are CoBa's only cost.
-                head_loss = self._output_head_loss(model, inputs)
-                with torch.no_grad(), self.compute_loss_context_manager():
-                    _, per_token, _ = forward_per_token_loss(model, inputs, targets.labels, head_loss)  # [B, L]
-                if rows:
-                    token_sums = task_loss_sums(per_token, *targets, self.num_tasks)[0]  # [T]
-                    counts = count_normalizers([targets._asdict()], self.num_tasks)
-                    totals += torch.stack([token_sums.double(), counts.tokens_per_task.double()])
+            # No gradient and no graph: these forwards are CoBa's only cost.
+            head_loss = self._output_head_loss(model, inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                _, per_token, _ = forward_per_token_loss(model, inputs, targets.labels, head_loss)  # [B, L]
         finally:
             model.train(was_training)
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
-            # The balancer's state must be identical on every rank: take rank 0's bits rather than rely
-            # on every backend's all-reduce giving the same last bit everywhere.
-            totals = broadcast(totals, from_process=0)
-        return totals
-
-    def _coba_on_train_begin(self) -> None:
-        if self.coba.initial_losses is not None:  # restored from the checkpoint
-            return
-        stream = self._coba_validation_stream()
-        totals = self._coba_measure(stream.full_pass())  # [2, T]
-        missing = [name for task_id, name in enumerate(self.tasks.names) if totals[1, task_id] == 0]
-        if missing:
-            raise ValueError(
-                f"weighted_loss_mode 'coba' needs validation samples of every task, but task(s) {missing} have no "
-                "trained token in eval_dataset; give them a validation part (a larger data_split validation "
-                "share or valid_data_paths) or remove them"
-            )
-        initial = totals[0] / totals[1]
-        self.coba.set_initial_losses(initial.cpu())
-        self._sync_coba_weights()
-        self.log({f"coba_valid_loss/{name}": initial[task_id].item() for task_id, name in enumerate(self.tasks.names)})
-
-    def _coba_on_step_end(self, step: int) -> None:
-        if not self.coba.should_sample(step):
-            return
-        stream = self._coba_validation_stream()
-        draws_per_sample = self.args.coba_sample_valid_num
-        first_draw = self.coba.num_samples * draws_per_sample  # draws continue where the last sample ended
-        totals = self._coba_measure([stream.draw(k) for k in range(first_draw, first_draw + draws_per_sample)])
-        # Token mean over the sample's batches and ranks; NaN (missing) for a task absent from all of them.
-        losses = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1), torch.nan).cpu()  # [T]
-        self.coba.record(step, losses)
-        self._sync_coba_weights()
-        self._coba_log_sums = totals if self._coba_log_sums is None else self._coba_log_sums + totals
-
-    def _add_coba_logs(self, logs: dict[str, float]) -> None:
-        """`coba_weight/<task>` and `coba_valid_loss/<task>` (over the logging window); identical on all ranks."""
-        weights = self.coba.weights
-        sums = self._coba_log_sums
-        for task_id, name in enumerate(self.tasks.names):
-            logs[f"coba_weight/{name}"] = weights[task_id].item()
-            if sums is not None and sums[1, task_id] > 0:
-                logs[f"coba_valid_loss/{name}"] = (sums[0, task_id] / sums[1, task_id]).item()
-        self._coba_log_sums = None
-
-
-class _CoBaCallback(TrainerCallback):
-    """Runs CoBa at the Trainer's step boundaries: L_i(0) at train begin, a validation sample (and a
-    weight update when due) after each optimizer step, before that step's logging and checkpoint,
-    so that checkpoint-N holds the weights of step N + 1."""
-
-    def __init__(self, trainer: MFTTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._coba_on_train_begin()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._coba_on_step_end(state.global_step)
-
-
-def row_tasks(dataset: Any) -> list[int]:
-    """The task of each row of an evaluation set, for task-balanced CoBa draws: a sample's task, or
-    for a packed row (several samples) the task with the most trained tokens in it (the lowest id on
-    ties)."""
-    if "task_id" in dataset.column_names:
-        return [int(t) for t in dataset["task_id"]]
-    tasks = []
-    for row in dataset.select_columns(["task_ids", "labels"]).with_format("numpy"):
-        trained = (row["labels"] != IGNORE_INDEX) & (row["task_ids"] >= 0)  # [L]
-        counts = np.bincount(row["task_ids"][trained], minlength=1)
-        tasks.append(int(counts.argmax()))
-    return tasks
+        token_sums = task_loss_sums(per_token, *targets, self.num_tasks)[0]  # [T]
+        tokens = count_normalizers([targets._asdict()], self.num_tasks).tokens_per_task  # [T]
+        return torch.stack([token_sums.double(), tokens.double()])
