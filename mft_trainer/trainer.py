@@ -42,11 +42,11 @@ from torch import nn
 from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
-from .attention import check_packing_support
+from .attention import check_packing_support, is_packed_batch
 from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
 from .chunked_loss import OutputHeadLoss, choose_output_head_loss, forward_per_token_loss
 from .coba_training import CoBaCallback
-from .collator import DataCollatorForMFT
+from .collator import DataCollatorForMFT, rows_padding_mode
 from .config import MFTConfig
 from .divergence import (
     REMEDY,
@@ -68,7 +68,7 @@ from .losses import (
     task_loss_sums,
 )
 from .modeling import keep_4bit_weights_trainable
-from .modes import LossMode
+from .modes import LossMode, PaddingMode
 from .segments import padding_token_id
 from .run_artifacts import copy_run_artifacts, save_run_artifacts
 from .tasks import TaskRegistry
@@ -129,11 +129,9 @@ class MFTTrainer(Trainer):
         if not isinstance(args, MFTConfig):
             raise TypeError(f"MFTTrainer needs args=MFTConfig(...), got {type(args).__name__}")
         if data_collator is None:
-            # Rows packed by build_mft_dataset carry position_ids; they need the packing collator.
-            columns = getattr(train_dataset if train_dataset is not None else eval_dataset, "column_names", None) or []
-            padding_mode = "pack" if "position_ids" in columns else "padding"
             if processing_class is None:
                 raise ValueError("pass processing_class=<tokenizer> (or a data_collator) so that batches can be padded")
+            padding_mode = rows_padding_mode(train_dataset if train_dataset is not None else eval_dataset)
             data_collator = DataCollatorForMFT(pad_token_id=padding_token_id(processing_class), padding_mode=padding_mode)
         super().__init__(
             model=model,
@@ -148,8 +146,13 @@ class MFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         # Evaluation (and the first step's probe) must not switch 4-bit layers to an inference format.
         keep_4bit_weights_trainable(self.model)
-        # Refuse, before any step, a model/backend that would let packed samples attend to each other.
-        check_packing_support(self.model, getattr(self.data_collator, "padding_mode", "padding"))
+        # Refuse a model/backend that would let packed samples attend to each other: before any step
+        # when the collator says it packs, else at the first packed batch (`_check_packing`).
+        self._packing_checked = False
+        declared = getattr(self.data_collator, "padding_mode", None)
+        if declared is not None and PaddingMode.parse(declared).is_packed:
+            check_packing_support(self.model, declared)
+            self._packing_checked = True
         if args.early_stopping_patience is not None:
             self.add_callback(EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold))
         self.tasks = tasks.with_weights(args.task_weights) if args.task_weights else tasks
@@ -282,6 +285,7 @@ class MFTTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         targets, inputs = split_loss_targets(inputs)
+        self._check_packing(inputs)
         batch_counts = count_normalizers([targets._asdict()], self.num_tasks)
         if model.training:
             normalizers = self._step_normalizers if self._step_normalizers is not None else batch_counts
@@ -314,6 +318,13 @@ class MFTTrainer(Trainer):
             share = self._micro_batches_in_step if model.training else 1
             loss = loss + coefficient * aux_loss.to(loss.device) / share
         return (loss, outputs) if return_outputs else loss
+
+    def _check_packing(self, batch: Mapping[str, Any]) -> None:
+        """At the first packed batch (`is_packed_batch`), whatever collator made it, refuse a model or
+        attention backend that would let its samples see each other (DESIGN.md invariant 3)."""
+        if not self._packing_checked and is_packed_batch(batch):
+            check_packing_support(self.model, PaddingMode.PACK)
+            self._packing_checked = True
 
     def _output_head_loss(self, model: nn.Module, inputs: dict[str, Any]) -> OutputHeadLoss | None:
         """The chunked loss for this model, or None for the plain path; chosen at the first call, with
@@ -411,6 +422,7 @@ class MFTTrainer(Trainer):
         `__init__`."""
         model = super().call_model_init(trial)
         keep_4bit_weights_trainable(model)
+        self._packing_checked = False  # a new model: checked again at its first packed batch
         return model
 
     def _get_dataloader(
@@ -540,6 +552,7 @@ class MFTTrainer(Trainer):
         ``[2, T]`` float64, from a forward without gradient in eval mode (the model as the Trainer's
         evaluation inside training runs it: unwrapped DDP, wrapped FSDP/DeepSpeed)."""
         targets, inputs = split_loss_targets(self._prepare_inputs(self.data_collator(list(rows))))
+        self._check_packing(inputs)
         model = self.model
         was_training = model.training
         model.eval()
