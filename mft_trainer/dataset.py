@@ -83,6 +83,7 @@ class MFTDataset:
     summary: DatasetSummary
     padding_mode: str = PaddingMode.PADDING.value
     prompt_format: PromptFormat | None = None  # how the conversations were written (config.chat_template)
+    config: DataConfig | None = None  # the settings it was built with (saved in the run config)
 
     def collator(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> DataCollatorForMFT:
         """The collator for these rows: `DataCollatorForMFT` with this dataset's padding_mode."""
@@ -379,6 +380,6 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
         logger.warning(warning)
     return MFTDataset(
         train=train, valid=valid, tasks=tasks, summary=summary, padding_mode=config.padding_mode,
-        prompt_format=prompt_format,
+        prompt_format=prompt_format, config=config,
     )
 

@@ -117,15 +117,14 @@ def copy_run_artifacts(
 
 
 def save_run_artifacts(
-    directory: str | os.PathLike, tasks: Mapping[str, Any], run_config: Mapping[str, Any] | None, model: Any
+    directory: str | os.PathLike, tasks: Mapping[str, Any], run_config: Mapping[str, Any], model: Any
 ) -> None:
     """Write the run artefacts of a saved model into `directory`: the task registry
-    (`TaskRegistry.to_dict()`), the run config (unless None) and the model's generation config (if
-    the directory has none). CoBa writes its own state (`write_coba_state`).
+    (`TaskRegistry.to_dict()`), the run config and the model's generation config (if the directory
+    has none). CoBa writes its own state (`write_coba_state`).
 
     >>> save_run_artifacts("out", trainer.tasks.to_dict(), {"training": args.to_dict()}, model)  # doctest: +SKIP
     """
     write_tasks(directory, tasks)
-    if run_config is not None:
-        write_run_config(directory, run_config)
+    write_run_config(directory, run_config)
     write_generation_config(directory, model)

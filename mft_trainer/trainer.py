@@ -30,6 +30,7 @@ warned about (mft_trainer/divergence.py). Resuming takes complete checkpoints on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from .chunked_loss import OutputHeadLoss, choose_output_head_loss, forward_per_t
 from .coba_training import CoBaCallback
 from .collator import DataCollatorForMFT, rows_padding_mode
 from .config import MFTConfig
+from .dataset import MFTDataset
 from .divergence import (
     REMEDY,
     NonFiniteGradientError,
@@ -86,12 +88,17 @@ class MFTTrainer(Trainer):
     Args:
         model: any `AutoModelForCausalLM` (or a PEFT model wrapping one).
         args: an `MFTConfig`.
+        data: the `MFTDataset` of `build_mft_dataset(...)`: the train and eval datasets, tasks and
+            default collator that are not given, and the data settings of the saved run config (so
+            that chat.py prompts the model in the format it was trained in).
         tasks: the `TaskRegistry` of the data (`build_mft_dataset(...).tasks`); task weights of
             `args.task_weights` are applied to it.
         data_collator: defaults to `DataCollatorForMFT` padding with the tokenizer's pad token (its
-            EOS token when it has none).
+            EOS token when it has none), in the padding mode of `data`, else of the rows
+            (`collator.rows_padding_mode`).
         run_config: the run's resolved settings (scripts/train.py passes its recipe), saved as
-            `run_config.yaml` with the model and every checkpoint (mft_trainer.run_artifacts).
+            `run_config.yaml` with the model and every checkpoint (mft_trainer.run_artifacts);
+            default: the data settings and summary of `data` and the training arguments.
         Everything else as `transformers.Trainer`.
 
     Metrics: training logs add `loss/<task>` (token-mean cross-entropy of each task over the logging
@@ -120,10 +127,17 @@ class MFTTrainer(Trainer):
         processing_class: Any = None,
         tasks: TaskRegistry | None = None,
         run_config: dict[str, Any] | None = None,
+        data: MFTDataset | None = None,
         **kwargs: Any,
     ):
+        if data is not None:
+            train_dataset = data.train if train_dataset is None else train_dataset
+            eval_dataset = data.valid if eval_dataset is None else eval_dataset
+            tasks = data.tasks if tasks is None else tasks
         if tasks is None:
-            raise ValueError("MFTTrainer needs tasks=<TaskRegistry>: pass the .tasks of build_mft_dataset(...)")
+            raise ValueError(
+                "MFTTrainer needs tasks=<TaskRegistry>: pass data=build_mft_dataset(...), or its .tasks as tasks"
+            )
         if args is None:
             args = MFTConfig(output_dir="mft_output")
         if not isinstance(args, MFTConfig):
@@ -131,7 +145,8 @@ class MFTTrainer(Trainer):
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class=<tokenizer> (or a data_collator) so that batches can be padded")
-            padding_mode = rows_padding_mode(train_dataset if train_dataset is not None else eval_dataset)
+            rows = train_dataset if train_dataset is not None else eval_dataset
+            padding_mode = data.padding_mode if data is not None else rows_padding_mode(rows)
             data_collator = DataCollatorForMFT(pad_token_id=padding_token_id(processing_class), padding_mode=padding_mode)
         super().__init__(
             model=model,
@@ -157,6 +172,7 @@ class MFTTrainer(Trainer):
             self.add_callback(EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold))
         self.tasks = tasks.with_weights(args.task_weights) if args.task_weights else tasks
         self.run_config = run_config
+        self.data = data
         self.loss_mode = LossMode.parse(args.weighted_loss_mode)
         self._task_weights = torch.tensor(self.tasks.weights, dtype=torch.float32)
         self._step_normalizers: LossNormalizers | None = None
@@ -465,9 +481,23 @@ class MFTTrainer(Trainer):
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_run_artifacts(self, output_dir: str) -> None:
-        save_run_artifacts(output_dir, self.tasks.to_dict(), self.run_config, self.accelerator.unwrap_model(self.model))
+        model = self.accelerator.unwrap_model(self.model)
+        save_run_artifacts(output_dir, self.tasks.to_dict(), self._run_config_to_save(), model)
         if self.coba is not None:
             self.coba.save(output_dir)
+
+    def _run_config_to_save(self) -> dict[str, Any]:
+        """The `run_config` given, else what the trainer knows: the settings and summary of `data`
+        (whose prompt format chat.py and merge_lora.py read) and the training arguments."""
+        if self.run_config is not None:
+            return self.run_config
+        known: dict[str, Any] = {}
+        if self.data is not None and self.data.config is not None:
+            known["data"] = dataclasses.asdict(self.data.config)
+        known["training"] = self.args.to_dict()
+        if self.data is not None:
+            known["dataset_summary"] = self.data.summary.to_dict()
+        return known
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The Trainer's push of a checkpoint (`hub_strategy`), which copies the checkpoint's model
