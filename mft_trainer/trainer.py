@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -44,21 +42,13 @@ from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
 from .attention import check_packing_support, is_packed_batch
-from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
+from .checkpoints import checkpoint_to_resume, reporting_save_failures
 from .chunked_loss import OutputHeadLoss, choose_output_head_loss, forward_per_token_loss
 from .coba_training import CoBaCallback
 from .collator import DataCollatorForMFT, rows_padding_mode
 from .config import MFTConfig
 from .dataset import MFTDataset
-from .divergence import (
-    REMEDY,
-    NonFiniteGradientError,
-    NonFiniteLossError,
-    NonFiniteWeightsError,
-    as_float,
-    non_finite_parameters,
-    uniform_loss_text,
-)
+from .divergence import DivergenceGuard
 from .eval_padding import pad_eval_set_for_ranks, real_length
 from .losses import (
     LossNormalizers,
@@ -78,9 +68,6 @@ from .tasks import TaskRegistry
 # Dataset columns the collator needs; the Trainer would otherwise drop those the model's forward
 # does not name (task_id above all).
 DATASET_COLUMNS = ["input_ids", "labels", "task_id", "task_ids", "segment_ids", "position_ids", "attention_mask"]
-
-logger = logging.getLogger(__name__)
-
 
 class MFTTrainer(Trainer):
     """A `Trainer` whose loss is the configured multi-task reduction of per-token cross-entropy.
@@ -182,8 +169,7 @@ class MFTTrainer(Trainer):
         self._head_loss: OutputHeadLoss | None = None
         self._head_loss_resolved = False
         self._logits_wanted = False  # set by prediction_step when the caller needs real logits
-        self._optimizer_steps_checked = 0  # optimizer steps of this train() call whose gradient was checked
-        self._zero_gradient_steps: list[int] = []  # those with a gradient of exactly 0 and trained tokens
+        self.divergence = DivergenceGuard(args, self.accelerator, deepspeed=self.is_deepspeed_enabled)
         self.coba: CoBaCallback | None = None
         if self.loss_mode is LossMode.COBA:
             self.coba = CoBaCallback(self.tasks, args, self.accelerator, validation_set=self._coba_validation_set,
@@ -204,82 +190,27 @@ class MFTTrainer(Trainer):
         """The Trainer's step, stopped at the first non-finite loss: before the optimizer applies its
         gradient, so no checkpoint holds weights it has damaged."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"the loss is {loss.item()} at optimizer step {self.state.global_step + 1}: {self._stop_report()}"
-            )
+        self.divergence.check_loss(loss, self.state.global_step + 1)
         return loss
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The Trainer's gradient norm of the step (computed, and clipped to max_grad_norm, before the
-        optimizer step). A NaN or infinite norm stops training there, before the optimizer writes it
-        into the weights; a norm of exactly 0 with trained tokens is reported (`_note_zero_gradient`).
-
-        Costs one host-device synchronisation per optimizer step (the norm is read as a number)."""
+        optimizer step): a NaN or infinite one stops training before the optimizer writes it into the
+        weights, one of exactly 0 with trained tokens is reported (`DivergenceGuard`)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        norm = as_float(grad_norm)
-        if norm is not None:
-            self._optimizer_steps_checked += 1
-            if not math.isfinite(norm):
-                raise NonFiniteGradientError(
-                    f"the gradient norm is {norm} at optimizer step {self.state.global_step + 1} (its loss is "
-                    f"finite): {self._stop_report()}"
-                )
-            if norm == 0.0:
-                self._note_zero_gradient()
+        self.divergence.check_gradient_norm(grad_norm, self.state.global_step + 1, self.model, self._weighted_step_tokens)
         return grad_norm
 
-    def _stop_report(self) -> str:
-        """What stopping at a non-finite loss or gradient leaves behind, and what to do."""
-        if self.is_deepspeed_enabled:
-            applied = (
-                "training stopped; DeepSpeed runs the optimizer step inside the backward pass, so the weights in "
-                "memory may hold it, but nothing was saved after it"
-            )
-        else:
-            applied = "training stopped before the optimizer applied it"
-        return f"{applied}; {self._last_checkpoint_text()}. {REMEDY}."
-
-    def _last_checkpoint_text(self) -> str:
-        last = last_complete_checkpoint(self.args.output_dir)
-        if last is None:
-            return "no checkpoint has been saved yet"
-        return f"the last checkpoint, {last}, holds finite weights (resume_from_checkpoint continues from it)"
-
-    def _note_zero_gradient(self) -> None:
-        """Record an optimizer step whose gradient is exactly 0 although it trains tokens (of tasks with
-        a weight), and warn at the first: a collapsed run would otherwise end without a word."""
+    def _weighted_step_tokens(self) -> int:
+        """Trained tokens of this optimizer step (all ranks) in tasks whose weight is not 0."""
         counts = self._step_normalizers
-        weights = self._task_weights if self.coba is None else self.coba.loss_weights
         if counts is None:
-            return
-        tokens = int((counts.tokens_per_task.cpu() * (weights.cpu() > 0)).sum())
-        if tokens == 0:
-            return  # nothing to learn from in this step: a zero gradient is right
-        step = self.state.global_step + 1
-        self._zero_gradient_steps.append(step)
-        if len(self._zero_gradient_steps) == 1 and self.is_world_process_zero():
-            uniform = uniform_loss_text(self.accelerator.unwrap_model(self.model))
-            logger.warning(
-                "optimizer step %d: the gradient is exactly 0 although the step trains %d tokens, so the model no "
-                "longer learns. A learning rate far too high does this (the activations overflow and the loss stays "
-                "at %s); so do trainable weights that the loss does not reach. Lower learning_rate and start again "
-                "from an earlier checkpoint.", step, tokens, uniform or "ln(vocab size)",
-            )
+            return 0
+        return int((counts.tokens_per_task.cpu() * (self._loss_weights().cpu() > 0)).sum())
 
-    def _stop_if_weights_not_finite(self, when: str, not_saved: str) -> None:
-        """Raise `NonFiniteWeightsError` if a trainable weight is NaN or infinite on any rank (every rank
-        calls this: it reduces over them)."""
-        names = non_finite_parameters(self.model)
-        count = len(names)
-        if self.accelerator.num_processes > 1:
-            count = int(self.accelerator.reduce(torch.tensor(count, device=self.args.device), reduction="sum"))
-        if count:
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "on another rank"
-            raise NonFiniteWeightsError(
-                f"the trainable weights {when} are not finite ({shown}): {not_saved}; "
-                f"{self._last_checkpoint_text()}. {REMEDY}."
-            )
+    def _loss_weights(self) -> torch.Tensor:
+        """``[T]`` task weights of the training loss: CoBa's with coba, else the configured ones."""
+        return self._task_weights if self.coba is None else self.coba.loss_weights
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -305,7 +236,7 @@ class MFTTrainer(Trainer):
         batch_counts = count_normalizers([targets._asdict()], self.num_tasks)
         if model.training:
             normalizers = self._step_normalizers if self._step_normalizers is not None else batch_counts
-            weights = self._task_weights if self.coba is None else self.coba.loss_weights
+            weights = self._loss_weights()
         else:
             normalizers, weights = batch_counts, self._task_weights
         head_loss = None if (return_outputs and self._logits_wanted) else self._output_head_loss(model, inputs)
@@ -509,7 +440,7 @@ class MFTTrainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The Trainer's checkpoint; a failed save says which checkpoint it left incomplete and why."""
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self._stop_if_weights_not_finite(f"after optimizer step {self.state.global_step}", f"{checkpoint} was not saved")
+        self.divergence.check_weights(self.model, f"after optimizer step {self.state.global_step}", f"{checkpoint} was not saved")
         with reporting_save_failures(checkpoint, "checkpoint"):
             super()._save_checkpoint(model, trial)
 
@@ -519,54 +450,25 @@ class MFTTrainer(Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> TrainOutput:
-        """`Trainer.train`, resumed only from a complete checkpoint (mft_trainer/checkpoints.py): `True`
-        takes the last complete one in output_dir (newer, incomplete ones are skipped with a warning),
-        and a named one must be complete. With coba, also restores the balancer from the checkpoint
-        resumed from (or starts it afresh: a new run measures L_i(0) on the model it starts from).
-
-        Training stops at the first non-finite loss, gradient or weight, before it is applied or saved;
-        a run whose gradient is exactly 0 at some steps ends with a warning that it collapsed.
+        """`Trainer.train`, resumed only from a complete checkpoint (`checkpoints.checkpoint_to_resume`:
+        `True` takes the last complete one in output_dir), with coba's state restored from it (or
+        started afresh), stopped at the first non-finite loss, gradient or weight and warning of a
+        collapse at the end (`divergence.DivergenceGuard`).
 
         Raises:
             IncompleteCheckpointError: the named checkpoint lacks a file or has a truncated one.
             ValueError: `resume_from_checkpoint=True` and output_dir holds no complete checkpoint.
             NonFiniteLossError, NonFiniteGradientError, NonFiniteWeightsError: the run diverged.
         """
-        resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        resume_from_checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
         if self.coba is not None:
             self.coba.restore(resume_from_checkpoint)
-        self._optimizer_steps_checked, self._zero_gradient_steps = 0, []
+        self.divergence.start()
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
         # The caller saves the final model next (scripts/train.py does): not if it is damaged.
-        self._stop_if_weights_not_finite("at the end of training", "training stopped before they were saved")
-        self._warn_if_collapsed(output.training_loss)
+        self.divergence.check_weights(self.model, "at the end of training", "training stopped before they were saved")
+        self.divergence.warn_if_collapsed(self.model, output.training_loss)
         return output
-
-    def _warn_if_collapsed(self, training_loss: float) -> None:
-        """Repeat, at the end, that steps had a gradient of exactly 0 (see `_note_zero_gradient`)."""
-        steps = self._zero_gradient_steps
-        if steps and self.is_world_process_zero():
-            uniform = uniform_loss_text(self.accelerator.unwrap_model(self.model))
-            logger.warning(
-                "training collapsed: %d of the %d optimizer steps had a gradient of exactly 0 (the first: step %d), "
-                "so the model learnt nothing from them; train_loss %.4f%s. Lower learning_rate.",
-                len(steps), self._optimizer_steps_checked, steps[0], training_loss, f" ({uniform})" if uniform else "",
-            )
-
-    def _checkpoint_to_resume(self, requested: str | bool | None) -> str | None:
-        """The checkpoint `train(resume_from_checkpoint=requested)` resumes from, checked complete."""
-        if requested is None or requested is False:
-            return None
-        if requested is True:
-            last = last_complete_checkpoint(self.args.output_dir)
-            if last is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint (incomplete "
-                    "ones are named in the warnings above); pass resume_from_checkpoint=None to start afresh"
-                )
-            return last
-        check_checkpoint(requested)
-        return str(requested)
 
     # ---- CoBa ------------------------------------------------------------------------------------
 
