@@ -26,7 +26,8 @@ transformers' `AttentionInterface` when this module is imported, so
 >>> attn = default_attn_implementation("pack")    # torch_varlen on an A100/H100 without flash-attn
 >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)  # doctest: +SKIP
 >>> check_packing_support(model, "pack")  # raises PackingError if samples would leak  # doctest: +SKIP
->>> is_packed_batch(batch)                # what MFTTrainer checks its batches by        # doctest: +SKIP
+>>> guard = PackingGuard(model, collator)  # MFTTrainer's: checks now if the collator packs  # doctest: +SKIP
+>>> guard.check(batch)                   # else at the first batch that is_packed_batch  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -481,3 +482,28 @@ def check_packing_support(model: nn.Module, padding_mode: str, probe: bool = Tru
                     f"{result.leak:.3g}); {fix}"
                 )
     return implementation
+
+
+class PackingGuard:
+    """`check_packing_support` of one model, once, before its first packed batch: at construction
+    for a collator that says it packs (its `padding_mode`), else at the first batch that
+    `is_packed_batch`, whatever collator made it.
+
+    Raises:
+        PackingError: (from the constructor or `check`) the model would let packed samples leak.
+    """
+
+    def __init__(self, model: nn.Module, collator: Any = None):
+        self.model = model
+        self.checked = False
+        declared = getattr(collator, "padding_mode", None)
+        if declared is not None and PaddingMode.parse(declared).is_packed:
+            check_packing_support(model, declared)
+            self.checked = True
+
+    def check(self, batch: Mapping[str, Any]) -> None:
+        """Check the model at the first packed batch; a no-op after that and for unpacked batches."""
+        if not self.checked and is_packed_batch(batch):
+            check_packing_support(self.model, PaddingMode.PACK)
+            self.checked = True
+

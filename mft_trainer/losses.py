@@ -291,3 +291,14 @@ def reduce_loss(
     num_tasks = normalizers.tokens_per_task.numel()
     sums = task_loss_sums(per_token_loss, labels, task_ids, segment_ids, num_tasks)  # [2, T]
     return combine_task_sums(sums, mode, normalizers, task_weights)
+
+
+def task_loss_metrics(token_sums: Tensor, tokens: Tensor, names: Sequence[str], key: str) -> dict[str, float]:
+    """``{key}/{task}``: the token-mean loss of each task that has trained tokens, from sums over
+    any window (a logging interval, an evaluation set).
+
+    >>> task_loss_metrics(torch.tensor([3.0, 0.0]), torch.tensor([2.0, 0.0]), ["qa", "chat"], "loss")
+    {'loss/qa': 1.5}
+    """
+    return {f"{key}/{name}": (token_sums[t] / tokens[t]).item() for t, name in enumerate(names) if tokens[t] > 0}
+

@@ -3,8 +3,7 @@ accumulation and data-parallel ranks.
 
 >>> data = build_mft_dataset(DataConfig(data_paths=[...]), tokenizer)            # doctest: +SKIP
 >>> trainer = MFTTrainer(model=model, args=MFTConfig(output_dir="out", weighted_loss_mode="case3"),
-...                      train_dataset=data.train, eval_dataset=data.valid,
-...                      processing_class=tokenizer, tasks=data.tasks)
+...                      data=data, processing_class=tokenizer)                   # doctest: +SKIP
 >>> trainer.train()        # logs loss and loss/<task>; evaluate() gives eval_loss and eval_loss/<task>
 
 How the loss stays exact (DESIGN.md invariant 2): before the micro-batches of an optimizer step run,
@@ -30,7 +29,6 @@ warned about (mft_trainer/divergence.py). Resuming takes complete checkpoints on
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -41,7 +39,7 @@ from torch import nn
 from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
-from .attention import check_packing_support, is_packed_batch
+from .attention import PackingGuard
 from .checkpoints import checkpoint_to_resume, reporting_save_failures
 from .chunked_loss import OutputHeadLoss, choose_output_head_loss, forward_per_token_loss
 from .coba_training import CoBaCallback
@@ -57,10 +55,11 @@ from .losses import (
     loss_coefficients,
     loss_dtype,
     split_loss_targets,
+    task_loss_metrics,
     task_loss_sums,
 )
 from .modeling import keep_4bit_weights_trainable
-from .modes import LossMode, PaddingMode
+from .modes import LossMode
 from .segments import padding_token_id
 from .run_artifacts import copy_run_artifacts, save_run_artifacts
 from .tasks import TaskRegistry
@@ -148,13 +147,8 @@ class MFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         # Evaluation (and the first step's probe) must not switch 4-bit layers to an inference format.
         keep_4bit_weights_trainable(self.model)
-        # Refuse a model/backend that would let packed samples attend to each other: before any step
-        # when the collator says it packs, else at the first packed batch (`_check_packing`).
-        self._packing_checked = False
-        declared = getattr(self.data_collator, "padding_mode", None)
-        if declared is not None and PaddingMode.parse(declared).is_packed:
-            check_packing_support(self.model, declared)
-            self._packing_checked = True
+        # Refuses a model/backend that would let packed samples attend to each other (invariant 3).
+        self.packing = PackingGuard(self.model, self.data_collator)
         if args.early_stopping_patience is not None:
             self.add_callback(EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold))
         self.tasks = tasks.with_weights(args.task_weights) if args.task_weights else tasks
@@ -232,46 +226,41 @@ class MFTTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         targets, inputs = split_loss_targets(inputs)
-        self._check_packing(inputs)
+        self.packing.check(inputs)
+        training = model.training
         batch_counts = count_normalizers([targets._asdict()], self.num_tasks)
-        if model.training:
-            normalizers = self._step_normalizers if self._step_normalizers is not None else batch_counts
-            weights = self._loss_weights()
-        else:
-            normalizers, weights = batch_counts, self._task_weights
+        # Training divides by the counts of the whole step; evaluation by the batch's, with the configured
+        # weights (the loss of the whole set is computed from the sums in evaluation_loop).
+        normalizers = self._step_normalizers if training and self._step_normalizers is not None else batch_counts
+        weights = self._loss_weights() if training else self._task_weights
         head_loss = None if (return_outputs and self._logits_wanted) else self._output_head_loss(model, inputs)
         coefficients = None
-        if head_loss is not None and model.training and torch.is_grad_enabled():
+        if head_loss is not None and training and torch.is_grad_enabled():
             # The fused layer computes the gradient of sum(coefficients * per-token loss) in its forward.
             coefficients = loss_coefficients(*targets, self.loss_mode, normalizers, weights.to(targets.labels.device),
                                              dtype=loss_dtype(head_loss.head.weight.dtype))
-        outputs, per_token, fused_loss = forward_per_token_loss(model, inputs, targets.labels, head_loss, coefficients)
+        outputs, per_token, loss = forward_per_token_loss(model, inputs, targets.labels, head_loss, coefficients)
         sums = task_loss_sums(per_token, *targets, self.num_tasks)  # [2, T]
-        if fused_loss is None:
+        if loss is None:  # the plain path: the loss from the sums
             loss = combine_task_sums(sums, self.loss_mode, normalizers, weights.to(per_token.device))
-        else:
-            loss = fused_loss
-        if model.training:
+        if training:
             # Data-parallel backends average gradients over ranks; the step loss is their sum.
             loss = loss * self.accelerator.num_processes
             self._add_train_sums(torch.stack([sums[0].detach().float(), batch_counts.tokens_per_task]))
         else:
             self._add_eval_sums(torch.cat([sums.detach().float(), batch_counts.stacked()]))
-        aux_loss = getattr(outputs, "aux_loss", None)
-        if aux_loss is not None:
-            # Mixture-of-experts load balancing, as transformers adds it to the model's own loss; one
-            # micro-batch's share of the step's mean.
-            coefficient = getattr(self.accelerator.unwrap_model(model).config, "router_aux_loss_coef", 0.0)
-            share = self._micro_batches_in_step if model.training else 1
-            loss = loss + coefficient * aux_loss.to(loss.device) / share
+        loss = self._with_router_aux_loss(loss, outputs, model)
         return (loss, outputs) if return_outputs else loss
 
-    def _check_packing(self, batch: Mapping[str, Any]) -> None:
-        """At the first packed batch (`is_packed_batch`), whatever collator made it, refuse a model or
-        attention backend that would let its samples see each other (DESIGN.md invariant 3)."""
-        if not self._packing_checked and is_packed_batch(batch):
-            check_packing_support(self.model, PaddingMode.PACK)
-            self._packing_checked = True
+    def _with_router_aux_loss(self, loss: torch.Tensor, outputs: Any, model: nn.Module) -> torch.Tensor:
+        """`loss` plus a mixture-of-experts model's load-balancing loss, as transformers adds it to the
+        model's own loss: one micro-batch's share of the step's mean."""
+        aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is None:
+            return loss
+        coefficient = getattr(self.accelerator.unwrap_model(model).config, "router_aux_loss_coef", 0.0)
+        share = self._micro_batches_in_step if model.training else 1
+        return loss + coefficient * aux_loss.to(loss.device) / share
 
     def _output_head_loss(self, model: nn.Module, inputs: dict[str, Any]) -> OutputHeadLoss | None:
         """The chunked loss for this model, or None for the plain path; chosen at the first call, with
@@ -309,14 +298,10 @@ class MFTTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add `loss/<task>` to training logs (every rank calls this, so the reduce is safe)."""
         if "loss" in logs:
-            sums = self._train_sums
-            if sums is None:
-                sums = torch.zeros(2, self.num_tasks, device=self.args.device)
+            sums = self._train_sums if self._train_sums is not None else torch.zeros(2, self.num_tasks)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
-            for task_id, name in enumerate(self.tasks.names):
-                if sums[1, task_id] > 0:
-                    logs[f"loss/{name}"] = (sums[0, task_id] / sums[1, task_id]).item()
+            logs.update(task_loss_metrics(sums[0], sums[1], self.tasks.names, "loss"))
             self._train_sums = None
             if self.coba is not None:
                 self.coba.add_logs(logs)
@@ -359,9 +344,7 @@ class MFTTrainer(Trainer):
             counts = LossNormalizers.from_stacked(sums[2:])
             loss = combine_task_sums(sums[:2], self.loss_mode, counts, self._task_weights.to(sums.device))
             output.metrics[f"{metric_key_prefix}_loss"] = loss.item()
-            for task_id, name in enumerate(self.tasks.names):
-                if sums[2, task_id] > 0:
-                    output.metrics[f"{metric_key_prefix}_loss/{name}"] = (sums[0, task_id] / sums[2, task_id]).item()
+            output.metrics.update(task_loss_metrics(sums[0], sums[2], self.tasks.names, f"{metric_key_prefix}_loss"))
         return output
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
@@ -369,7 +352,7 @@ class MFTTrainer(Trainer):
         `__init__`."""
         model = super().call_model_init(trial)
         keep_4bit_weights_trainable(model)
-        self._packing_checked = False  # a new model: checked again at its first packed batch
+        self.packing = PackingGuard(model)  # a new model: checked at its first packed batch
         return model
 
     def _get_dataloader(
@@ -418,17 +401,11 @@ class MFTTrainer(Trainer):
             self.coba.save(output_dir)
 
     def _run_config_to_save(self) -> dict[str, Any]:
-        """The `run_config` given, else what the trainer knows: the settings and summary of `data`
-        (whose prompt format chat.py and merge_lora.py read) and the training arguments."""
+        """The `run_config` given, else what the trainer knows: the settings (whose prompt format
+        chat.py and merge_lora.py read) and summary of `data`, and the training arguments."""
         if self.run_config is not None:
             return self.run_config
-        known: dict[str, Any] = {}
-        if self.data is not None and self.data.config is not None:
-            known["data"] = dataclasses.asdict(self.data.config)
-        known["training"] = self.args.to_dict()
-        if self.data is not None:
-            known["dataset_summary"] = self.data.summary.to_dict()
-        return known
+        return {**(self.data.run_config() if self.data is not None else {}), "training": self.args.to_dict()}
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The Trainer's push of a checkpoint (`hub_strategy`), which copies the checkpoint's model
@@ -484,7 +461,7 @@ class MFTTrainer(Trainer):
         ``[2, T]`` float64, from a forward without gradient in eval mode (the model as the Trainer's
         evaluation inside training runs it: unwrapped DDP, wrapped FSDP/DeepSpeed)."""
         targets, inputs = split_loss_targets(self._prepare_inputs(self.data_collator(list(rows))))
-        self._check_packing(inputs)
+        self.packing.check(inputs)
         model = self.model
         was_training = model.training
         model.eval()

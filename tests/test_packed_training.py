@@ -134,4 +134,4 @@ def test_packed_batches_of_any_collator_are_checked_against_leaks(tmp_path, layo
     honest = MFTTrainer(model=tiny_llama(VOCAB), args=args, train_dataset=packed, data_collator=PackingCollator(),
                         tasks=tasks)
     honest.train()
-    assert honest._packing_checked and isinstance(honest.model, LlamaForCausalLM)
+    assert honest.packing.checked and isinstance(honest.model, LlamaForCausalLM)
