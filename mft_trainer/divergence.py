@@ -116,7 +116,9 @@ class DivergenceGuard:
         if not torch.isfinite(loss).all():
             raise NonFiniteLossError(f"the loss is {loss.item()} at optimizer step {step}: {self._stop_report()}")
 
-    def check_gradient_norm(self, grad_norm: Any, step: int, model: nn.Module, trained_tokens: Callable[[], int]) -> None:
+    def check_gradient_norm(
+        self, grad_norm: Any, step: int, model: nn.Module, trained_tokens: Callable[[], int]
+    ) -> None:
         """Raise NonFiniteGradientError for a NaN or infinite gradient norm (before the optimizer
         applies it); record a norm of exactly 0 at a step with `trained_tokens()` > 0 (tokens of
         tasks with a weight), and warn at the first: a collapsed run would otherwise end without a

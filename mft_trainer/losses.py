@@ -302,3 +302,20 @@ def task_loss_metrics(token_sums: Tensor, tokens: Tensor, names: Sequence[str], 
     """
     return {f"{key}/{name}": (token_sums[t] / tokens[t]).item() for t, name in enumerate(names) if tokens[t] > 0}
 
+
+def evaluation_loss_metrics(
+    sums: Tensor, mode: LossMode | str, task_weights: Tensor, names: Sequence[str], prefix: str = "eval"
+) -> dict[str, float]:
+    """The metrics of an evaluation set: ``{prefix}_loss``, the mode's loss of the whole set, and
+    ``{prefix}_loss/{task}``, each task's token mean; {} for a set without trained tokens.
+
+    Args:
+        sums: ``[4, T]`` over the whole set (all batches, all ranks): the two rows of
+            :func:`task_loss_sums`, then `LossNormalizers.stacked()` (trained tokens, samples).
+        task_weights: ``[T]`` the configured weights (case3/case4/coba).
+    """
+    if not sums[2].sum() > 0:
+        return {}
+    loss = combine_task_sums(sums[:2], mode, LossNormalizers.from_stacked(sums[2:]), task_weights.to(sums.device))
+    return {f"{prefix}_loss": loss.item(), **task_loss_metrics(sums[0], sums[2], names, f"{prefix}_loss")}
+

@@ -14,16 +14,11 @@ it were one batch. Data-parallel backends average gradients over ranks, so each 
 is multiplied by the number of ranks; the Trainer must not divide it again by the accumulation steps
 (`loss_is_scaled_for_ga = True`).
 
-With `weighted_loss_mode: coba`, a callback drives the CoBa balancer (mft_trainer/coba_training.py,
-docs/coba.md): it measures the per-task validation losses before training and after every
-`coba_update_interval` optimizer steps, and the weights it returns feed the case3 reduction of the
-following steps. The balancer's state is saved beside the model in every checkpoint
-(`coba_state.json`) and restored by `train(resume_from_checkpoint=...)`.
-
-A run that diverges stops at the first NaN or infinite loss, gradient norm or weight, before the
-optimizer applies it or a checkpoint saves it; one that collapses (a gradient of exactly 0) is
-warned about (mft_trainer/divergence.py). Resuming takes complete checkpoints only
-(mft_trainer/checkpoints.py).
+The trainer keeps the hooks; what they call lives beside it: the CoBa callback, whose weights feed
+the case3 reduction with `weighted_loss_mode: coba` (coba_training.py), the plain-or-chunked
+per-token loss (chunked_loss.py), the packing-leak check (attention.py), the stop at a diverging run
+(divergence.py), complete checkpoints only to resume from (checkpoints.py), evaluation placeholders
+for several ranks (eval_padding.py) and the files saved with the model (run_artifacts.py).
 """
 
 from __future__ import annotations
@@ -52,6 +47,7 @@ from .losses import (
     LossNormalizers,
     combine_task_sums,
     count_normalizers,
+    evaluation_loss_metrics,
     loss_coefficients,
     loss_dtype,
     split_loss_targets,
@@ -67,6 +63,7 @@ from .tasks import TaskRegistry
 # Dataset columns the collator needs; the Trainer would otherwise drop those the model's forward
 # does not name (task_id above all).
 DATASET_COLUMNS = ["input_ids", "labels", "task_id", "task_ids", "segment_ids", "position_ids", "attention_mask"]
+
 
 class MFTTrainer(Trainer):
     """A `Trainer` whose loss is the configured multi-task reduction of per-token cross-entropy.
@@ -133,16 +130,9 @@ class MFTTrainer(Trainer):
                 raise ValueError("pass processing_class=<tokenizer> (or a data_collator) so that batches can be padded")
             rows = train_dataset if train_dataset is not None else eval_dataset
             padding_mode = data.padding_mode if data is not None else rows_padding_mode(rows)
-            data_collator = DataCollatorForMFT(pad_token_id=padding_token_id(processing_class), padding_mode=padding_mode)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
+            data_collator = DataCollatorForMFT(padding_token_id(processing_class), padding_mode=padding_mode)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         # The model gets no labels and computes no loss, so the Trainer's own token counting is moot.
         self.model_accepts_loss_kwargs = False
         # Evaluation (and the first step's probe) must not switch 4-bit layers to an inference format.
@@ -192,7 +182,8 @@ class MFTTrainer(Trainer):
         optimizer step): a NaN or infinite one stops training before the optimizer writes it into the
         weights, one of exactly 0 with trained tokens is reported (`DivergenceGuard`)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        self.divergence.check_gradient_norm(grad_norm, self.state.global_step + 1, self.model, self._weighted_step_tokens)
+        step = self.state.global_step + 1
+        self.divergence.check_gradient_norm(grad_norm, step, self.model, self._weighted_step_tokens)
         return grad_norm
 
     def _weighted_step_tokens(self) -> int:
@@ -329,9 +320,8 @@ class MFTTrainer(Trainer):
         configured mode over the whole set, and add the per-task losses."""
         self._eval_sums = torch.zeros(4, self.num_tasks, device=self.args.device)
         try:
-            output = super().evaluation_loop(
-                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-            )
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
             sums = self._eval_sums
         finally:
             self._eval_sums = None
@@ -340,11 +330,9 @@ class MFTTrainer(Trainer):
             output = output._replace(num_samples=num_samples)
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
-        if sums[2].sum() > 0:
-            counts = LossNormalizers.from_stacked(sums[2:])
-            loss = combine_task_sums(sums[:2], self.loss_mode, counts, self._task_weights.to(sums.device))
-            output.metrics[f"{metric_key_prefix}_loss"] = loss.item()
-            output.metrics.update(task_loss_metrics(sums[0], sums[2], self.tasks.names, f"{metric_key_prefix}_loss"))
+        output.metrics.update(
+            evaluation_loss_metrics(sums, self.loss_mode, self._task_weights, self.tasks.names, metric_key_prefix)
+        )
         return output
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
@@ -390,15 +378,12 @@ class MFTTrainer(Trainer):
         with contextlib.nullcontext() if _internal_call else reporting_save_failures(output_dir, "model"):
             super().save_model(output_dir, _internal_call=True)  # True: no push before the artefacts exist
             if self.args.should_save:
-                self._save_run_artifacts(output_dir)
+                save_run_artifacts(output_dir, self.tasks.to_dict(), self._run_config_to_save(),
+                                   self.accelerator.unwrap_model(self.model))
+                if self.coba is not None:
+                    self.coba.save(output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def _save_run_artifacts(self, output_dir: str) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        save_run_artifacts(output_dir, self.tasks.to_dict(), self._run_config_to_save(), model)
-        if self.coba is not None:
-            self.coba.save(output_dir)
 
     def _run_config_to_save(self) -> dict[str, Any]:
         """The `run_config` given, else what the trainer knows: the settings (whose prompt format
@@ -417,7 +402,8 @@ class MFTTrainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The Trainer's checkpoint; a failed save says which checkpoint it left incomplete and why."""
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self.divergence.check_weights(self.model, f"after optimizer step {self.state.global_step}", f"{checkpoint} was not saved")
+        step = self.state.global_step
+        self.divergence.check_weights(self.model, f"after optimizer step {step}", f"{checkpoint} was not saved")
         with reporting_save_failures(checkpoint, "checkpoint"):
             super()._save_checkpoint(model, trial)
 
