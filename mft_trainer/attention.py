@@ -26,6 +26,8 @@ transformers' `AttentionInterface` when this module is imported, so
 >>> attn = default_attn_implementation("pack")    # torch_varlen on an A100/H100 without flash-attn
 >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)  # doctest: +SKIP
 >>> check_packing_support(model, "pack")  # raises PackingError if samples would leak  # doctest: +SKIP
+>>> guard = PackingGuard(model, collator)  # MFTTrainer's: checks now if the collator packs  # doctest: +SKIP
+>>> guard.check(batch)                   # else at the first batch that is_packed_batch  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import functools
 import inspect
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -389,6 +391,35 @@ def _can_probe(model: nn.Module, implementation: str) -> str | None:
     return None
 
 
+def is_packed_batch(batch: Mapping[str, Any]) -> bool:
+    """True when a row of `batch` holds several samples that attention must keep apart, whatever
+    made the batch: it has no `attention_mask`, and carries `cu_seq_lens_q`, `position_ids` that
+    restart at 0 inside a row, or several `segment_ids` (sample ids) in a row.
+
+    A batch with an attention_mask, or with cu_seq_lens, is judged by its keys alone; the others
+    are read (one host-device synchronisation on a GPU).
+
+    >>> is_packed_batch({"input_ids": torch.ones(1, 4), "position_ids": torch.tensor([[0, 1, 0, 1]])})
+    True
+    >>> is_packed_batch({"input_ids": torch.ones(1, 4), "attention_mask": torch.ones(1, 4)})
+    False
+    """
+    if batch.get("attention_mask") is not None:
+        return False
+    if batch.get("cu_seq_lens_q") is not None:
+        return True
+    positions = batch.get("position_ids")  # [B, L]
+    if positions is not None and positions.dim() == 2 and bool((positions[:, 1:] == 0).any()):
+        return True
+    segments = batch.get("segment_ids")  # [B, L], -1 on padding
+    if segments is None or segments.dim() != 2 or segments.numel() == 0:
+        return False
+    real = segments >= 0
+    first = torch.where(real, segments, segments.max() + 1).amin(dim=1)  # [B]
+    last = torch.where(real, segments, -1).amax(dim=1)  # [B]
+    return bool((real.any(dim=1) & (first != last)).any())
+
+
 def check_packing_support(model: nn.Module, padding_mode: str, probe: bool = True) -> str:
     """Check that `model`, with its `attn_implementation`, keeps the samples of packed rows apart.
 
@@ -466,3 +497,28 @@ def check_packing_support(model: nn.Module, padding_mode: str, probe: bool = Tru
                     f"{result.leak:.3g}); {fix}"
                 )
     return implementation
+
+
+class PackingGuard:
+    """`check_packing_support` of one model, once, before its first packed batch: at construction
+    for a collator that says it packs (its `padding_mode`), else at the first batch that
+    `is_packed_batch`, whatever collator made it.
+
+    Raises:
+        PackingError: (from the constructor or `check`) the model would let packed samples leak.
+    """
+
+    def __init__(self, model: nn.Module, collator: Any = None):
+        self.model = model
+        self.checked = False
+        declared = getattr(collator, "padding_mode", None)
+        if declared is not None and PaddingMode.parse(declared).is_packed:
+            check_packing_support(model, declared)
+            self.checked = True
+
+    def check(self, batch: Mapping[str, Any]) -> None:
+        """Check the model at the first packed batch; a no-op after that and for unpacked batches."""
+        if not self.checked and is_packed_batch(batch):
+            check_packing_support(self.model, PaddingMode.PACK)
+            self.checked = True
+

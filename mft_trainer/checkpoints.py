@@ -217,6 +217,31 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def checkpoint_to_resume(requested: str | os.PathLike | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint that `Trainer.train(resume_from_checkpoint=requested)` resumes from, checked
+    complete: None (or False) for none, True for the last complete one in `output_dir`.
+
+    >>> checkpoint_to_resume(True, "output/run")            # doctest: +SKIP
+    'output/run/checkpoint-2'
+
+    Raises:
+        IncompleteCheckpointError: a named checkpoint that lacks a file or has a truncated one.
+        ValueError: True, and `output_dir` holds no complete checkpoint.
+    """
+    if requested is None or requested is False:
+        return None
+    if requested is True:
+        last = last_complete_checkpoint(output_dir)
+        if last is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True, but {output_dir} holds no complete checkpoint (incomplete "
+                "ones are named in the warnings above); pass resume_from_checkpoint=None to start afresh"
+            )
+        return last
+    check_checkpoint(requested)
+    return str(requested)
+
+
 def _is_disk_full(error: BaseException) -> bool:
     """Whether `error`, or an error it came from, is the operating system's 'no space left'."""
     seen = set()

@@ -25,19 +25,31 @@ is the model's logits unchanged (checked once on the model itself by `OutputHead
 while its `computing` context is active, the layer's forward returns the loss instead of logits.
 Hooks that DeepSpeed ZeRO-3 and FSDP put around that layer (gathering its weight) keep working,
 because the layer is still called by the model.
+
+`choose_output_head_loss` decides, once per run, between this path and the plain one
+(`loss_implementation`); `forward_per_token_loss` runs a forward by either and returns the
+per-token losses:
+
+>>> head_loss = choose_output_head_loss(model, batch["input_ids"][:1, :16], "auto")   # doctest: +SKIP
+>>> outputs, per_token, loss = forward_per_token_loss(model, inputs, labels, head_loss)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .constants import IGNORE_INDEX
-from .losses import loss_dtype
+from .losses import loss_dtype, per_token_cross_entropy
+from .modes import LossImplementation
+
+logger = logging.getLogger(__name__)
 
 # Bytes of chunk-sized buffers per (token, vocabulary entry): logits in the compute dtype (2),
 # their float32 copy turned into probabilities in place (4), the gradient in the compute dtype (2).
@@ -283,3 +295,77 @@ class OutputHeadLoss:
                 del head.forward
             else:
                 head.forward = previous
+
+
+def choose_output_head_loss(
+    model: nn.Module,
+    probe_ids: Tensor,
+    implementation: LossImplementation | str = LossImplementation.AUTO,
+    chunk_size: int | None = None,
+    torch_compile: bool = False,
+    unwrapped: nn.Module | None = None,
+) -> OutputHeadLoss | None:
+    """The chunked loss for `model`, or None for the plain path (full logits), as
+    `loss_implementation` asks: `plain`; `chunked`, which must work; or `auto`, chunked when the
+    output layer is supported and the probe forward on `probe_ids` passes, else plain.
+
+    Args:
+        model: the model as it runs (possibly wrapped for DDP); the probe runs through it.
+        probe_ids: ``[1, n]`` a few token ids (MFTTrainer takes 16 of its first batch).
+        chunk_size: positions per chunk; None or 0 for `default_chunk_size`.
+        torch_compile: the model is compiled: `auto` is then plain, since the output layer's forward
+            is swapped at every step and a compiled model would recompile.
+        unwrapped: the model under its wrappers, where the output layer is looked up (default `model`).
+    Raises:
+        ValueError: `chunked` for a model whose output layer cannot compute it (with the reason).
+    """
+    choice = LossImplementation.parse(implementation)
+    if choice is LossImplementation.PLAIN:
+        return None
+    if choice is LossImplementation.AUTO and torch_compile:
+        logger.info("per-token loss: plain (full logits), because torch_compile is on")
+        return None
+    head, reason = OutputHeadLoss.find_head(model if unwrapped is None else unwrapped)
+    if head is not None:
+        candidate = OutputHeadLoss(head, chunk_size or None)
+        reason = candidate.probe(model, probe_ids) or ""
+        if not reason:
+            logger.info("per-token loss: chunked, %d positions per chunk", candidate.chunk_size)
+            return candidate
+    if choice is LossImplementation.CHUNKED:
+        raise ValueError(
+            f"loss_implementation: chunked cannot be used with this model: {reason}. Use loss_implementation: "
+            "plain (or auto, which falls back to plain)."
+        )
+    logger.info("per-token loss: plain (full logits), because %s", reason)
+    return None
+
+
+def forward_per_token_loss(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    labels: Tensor,
+    head_loss: OutputHeadLoss | None,
+    coefficients: Tensor | None = None,
+) -> tuple[Any, Tensor, Tensor | None]:
+    """Run `model` on `inputs` (no labels, no cache) and return ``(outputs, per_token, loss)``.
+
+    `per_token` is the ``[B, L]`` cross-entropy aligned with `labels`. Without `head_loss` the plain
+    path takes it from the model's full logits and `loss` is None; with it, the output layer computes
+    it, and with `coefficients` (`losses.loss_coefficients`) also the differentiable step loss
+    ``sum(coefficients * per_token)``, returned as `loss` (else None).
+
+    Raises:
+        RuntimeError: the chunked path, and the model's forward never called its output layer.
+    """
+    if head_loss is None:
+        outputs = model(**inputs, use_cache=False)
+        return outputs, per_token_cross_entropy(outputs.logits, labels), None
+    with head_loss.computing(labels, coefficients) as result:
+        outputs = model(**inputs, use_cache=False)
+    if result.per_token is None:
+        raise RuntimeError("the model's forward did not call its output layer; use loss_implementation: plain")
+    # The loss as the model returned it (in place of logits), not result.loss: hooks on the layer's
+    # output (DeepSpeed ZeRO-3 gathers the layer's weight in them before its backward) must see it.
+    loss = None if result.loss is None else outputs.logits.reshape(())
+    return outputs, result.per_token, loss

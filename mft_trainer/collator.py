@@ -214,3 +214,27 @@ def _as_row(feature: Mapping[str, Any], index: int) -> dict[str, torch.Tensor]:
         position_ids = torch.arange(n)
         task_ids = torch.full((n,), int(feature["task_id"]), dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels, "task_ids": task_ids, "position_ids": position_ids}
+
+
+def rows_padding_mode(dataset: Any) -> PaddingMode:
+    """The padding mode that collates the rows of `dataset`, read from its first row's keys: `pack`
+    for packed rows (per-token `position_ids`, as build_mft_dataset writes them with padding_mode
+    pack or concat), else `padding` (samples with a `task_id`). MFTTrainer builds its default
+    collator with it when it is not handed the `MFTDataset` (whose `padding_mode` it then uses).
+
+    Reading it from the rows is safe because the two layouts are told apart by the keys that the
+    collator itself requires of them: a sample has a `task_id` and no `position_ids`, a packed row
+    has `position_ids` and `task_ids`; `padding` refuses packed rows, and `pack` and `concat`
+    collate rows alike, so there is no third case to tell. `padding_free` is a choice of collator,
+    not of rows: pass `data_collator` for it. A set whose first row cannot be read (no
+    `column_names`, no length, empty) is taken as samples; a packed row then fails in the collator,
+    naming the fix.
+
+    >>> rows_padding_mode([{"input_ids": [5, 6], "labels": [-100, 6], "task_id": 0}])
+    <PaddingMode.PADDING: 'padding'>
+    """
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and len(dataset) > 0:
+        first = dataset[0]
+        columns = list(first) if isinstance(first, Mapping) else None
+    return PaddingMode.PACK if columns is not None and "position_ids" in columns else PaddingMode.PADDING

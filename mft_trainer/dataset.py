@@ -16,6 +16,7 @@ position_ids, and the summary reports how full the rows are.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,13 @@ class MFTDataset:
     summary: DatasetSummary
     padding_mode: str = PaddingMode.PADDING.value
     prompt_format: PromptFormat | None = None  # how the conversations were written (config.chat_template)
+    config: DataConfig | None = None  # the settings it was built with (saved in the run config)
+
+    def run_config(self) -> dict[str, Any]:
+        """What a run config records of this data: the settings it was built with (`data`, whose
+        prompt format chat.py reads) and its summary (`dataset_summary`)."""
+        settings = {} if self.config is None else {"data": dataclasses.asdict(self.config)}
+        return {**settings, "dataset_summary": self.summary.to_dict()}
 
     def collator(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> DataCollatorForMFT:
         """The collator for these rows: `DataCollatorForMFT` with this dataset's padding_mode."""
@@ -381,6 +389,6 @@ def build_mft_dataset(config: DataConfig, tokenizer: Any) -> MFTDataset:
         logger.warning(warning)
     return MFTDataset(
         train=train, valid=valid, tasks=tasks, summary=summary, padding_mode=config.padding_mode,
-        prompt_format=prompt_format,
+        prompt_format=prompt_format, config=config,
     )
 

@@ -25,7 +25,7 @@ All reductions are vectorised and avoid boolean indexing, so they cause no host-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,35 @@ from torch import Tensor
 
 from .constants import IGNORE_INDEX
 from .modes import LossMode
+
+
+class LossTargets(NamedTuple):
+    """The keys of a batch that feed the loss and never reach the model's forward, per the batch
+    contract: ``labels``, ``task_ids``, ``segment_ids`` (each ``[B, L]``)."""
+
+    labels: Tensor
+    task_ids: Tensor
+    segment_ids: Tensor
+
+
+def split_loss_targets(batch: Mapping[str, Any]) -> tuple[LossTargets, dict[str, Any]]:
+    """The loss's keys of `batch` and the rest, the model's inputs (`batch` itself is not changed).
+
+    >>> targets, inputs = split_loss_targets(collator(samples))     # doctest: +SKIP
+    >>> sorted(inputs)                                               # doctest: +SKIP
+    ['attention_mask', 'input_ids']
+
+    Raises:
+        ValueError: a key of the contract is missing (the batch was not made by DataCollatorForMFT).
+    """
+    missing = [key for key in LossTargets._fields if key not in batch]
+    if missing:
+        raise ValueError(
+            f"the batch has no {missing}: MFTTrainer needs batches from DataCollatorForMFT (the default "
+            "collator) over rows of build_mft_dataset"
+        )
+    inputs = dict(batch)
+    return LossTargets(*(inputs.pop(key) for key in LossTargets._fields)), inputs
 
 
 def trained_mask(labels: Tensor) -> Tensor:
@@ -276,3 +305,31 @@ def reduce_loss(
     num_tasks = normalizers.tokens_per_task.numel()
     sums = task_loss_sums(per_token_loss, labels, task_ids, segment_ids, num_tasks)  # [2, T]
     return combine_task_sums(sums, mode, normalizers, task_weights)
+
+
+def task_loss_metrics(token_sums: Tensor, tokens: Tensor, names: Sequence[str], key: str) -> dict[str, float]:
+    """``{key}/{task}``: the token-mean loss of each task that has trained tokens, from sums over
+    any window (a logging interval, an evaluation set).
+
+    >>> task_loss_metrics(torch.tensor([3.0, 0.0]), torch.tensor([2.0, 0.0]), ["qa", "chat"], "loss")
+    {'loss/qa': 1.5}
+    """
+    return {f"{key}/{name}": (token_sums[t] / tokens[t]).item() for t, name in enumerate(names) if tokens[t] > 0}
+
+
+def evaluation_loss_metrics(
+    sums: Tensor, mode: LossMode | str, task_weights: Tensor, names: Sequence[str], prefix: str = "eval"
+) -> dict[str, float]:
+    """The metrics of an evaluation set: ``{prefix}_loss``, the mode's loss of the whole set, and
+    ``{prefix}_loss/{task}``, each task's token mean; {} for a set without trained tokens.
+
+    Args:
+        sums: ``[4, T]`` over the whole set (all batches, all ranks): the two rows of
+            :func:`task_loss_sums`, then `LossNormalizers.stacked()` (trained tokens, samples).
+        task_weights: ``[T]`` the configured weights (case3/case4/coba).
+    """
+    if not sums[2].sum() > 0:
+        return {}
+    loss = combine_task_sums(sums[:2], mode, LossNormalizers.from_stacked(sums[2:]), task_weights.to(sums.device))
+    return {f"{prefix}_loss": loss.item(), **task_loss_metrics(sums[0], sums[2], names, f"{prefix}_loss")}
+

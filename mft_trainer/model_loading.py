@@ -25,7 +25,7 @@ from .model_config import resolve_dtype
 from .paths import check_local_path
 from .prompt_format import ChatTemplateMode, get_prompt_format
 from .rendering import RoleMarkers
-from .run_artifacts import read_run_config
+from .run_artifacts import has_generation_config, read_run_config
 from .segments import PromptFormat
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,7 +108,7 @@ def load_model_and_tokenizer(
             # Training added tokens and saved the resized embeddings with the adapter.
             model.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(model, str(model_path))
-        if (Path(model_path) / "generation_config.json").is_file():
+        if has_generation_config(model_path):
             # Training saves the generation config beside the adapter: it stops at the trained end of turn.
             from transformers import GenerationConfig
 

@@ -38,6 +38,14 @@ SMALL_DATA_ROWS = 10_000
 SMALL_DATA_BYTES = 10 * 2**20
 
 
+def use_training_progress_bar(trainer: Any) -> None:
+    """Replace the Trainer's default `ProgressCallback` (not a user's own subclass) by
+    `TrainingProgressCallback`."""
+    if any(type(callback) is ProgressCallback for callback in trainer.callback_handler.callbacks):
+        trainer.pop_callback(ProgressCallback)
+        trainer.add_callback(TrainingProgressCallback)
+
+
 @contextlib.contextmanager
 def data_progress_bars(shown: bool) -> Iterator[None]:
     """`datasets`' progress bars on (as they were) or off for the steps inside, e.g.

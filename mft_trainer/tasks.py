@@ -18,7 +18,6 @@ with the run as `tasks.json` so that ids in logs and checkpoints keep their mean
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+from .run_artifacts import read_tasks, write_tasks
 from .sources import SPEC_KEYS, TaskSources, find_sources, is_dataset_spec, source_name
 
 DataPaths = Union[str, os.PathLike, Sequence[Any], Mapping[str, Any]]
-
-TASKS_FILE = "tasks.json"
 
 
 def _entries(value: Any) -> list[Any]:
@@ -146,16 +144,10 @@ class TaskRegistry:
         return cls(tuple(t["name"] for t in tasks), tuple(float(t["weight"]) for t in tasks))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `tasks.json` into `directory` and return its path."""
-        path = Path(directory) / TASKS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        """Write `tasks.json` into `directory` (mft_trainer.run_artifacts) and return its path."""
+        return write_tasks(directory, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskRegistry:
         """Read a registry from `tasks.json` or from a directory holding one."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / TASKS_FILE
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(read_tasks(path))

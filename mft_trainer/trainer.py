@@ -3,8 +3,7 @@ accumulation and data-parallel ranks.
 
 >>> data = build_mft_dataset(DataConfig(data_paths=[...]), tokenizer)            # doctest: +SKIP
 >>> trainer = MFTTrainer(model=model, args=MFTConfig(output_dir="out", weighted_loss_mode="case3"),
-...                      train_dataset=data.train, eval_dataset=data.valid,
-...                      processing_class=tokenizer, tasks=data.tasks)
+...                      data=data, processing_class=tokenizer)                   # doctest: +SKIP
 >>> trainer.train()        # logs loss and loss/<task>; evaluate() gives eval_loss and eval_loss/<task>
 
 How the loss stays exact (DESIGN.md invariant 2): before the micro-batches of an optimizer step run,
@@ -15,78 +14,56 @@ it were one batch. Data-parallel backends average gradients over ranks, so each 
 is multiplied by the number of ranks; the Trainer must not divide it again by the accumulation steps
 (`loss_is_scaled_for_ga = True`).
 
-With `weighted_loss_mode: coba`, a callback drives the CoBa balancer (mft_trainer/coba.py, docs/coba.md):
-it measures the per-task validation losses before training and after every `coba_update_interval`
-optimizer steps, and the weights it returns feed the case3 reduction of the following steps. The
-balancer's state is saved beside the model in every checkpoint (`coba_state.json`) and restored by
-`train(resume_from_checkpoint=...)`.
-
-A run that diverges stops at the first NaN or infinite loss, gradient norm or weight, before the
-optimizer applies it or a checkpoint saves it; one that collapses (a gradient of exactly 0) is
-warned about (mft_trainer/divergence.py). Resuming takes complete checkpoints only
-(mft_trainer/checkpoints.py).
+The trainer keeps the hooks; what they call lives beside it: the CoBa callback, whose weights feed
+the case3 reduction with `weighted_loss_mode: coba` (coba_training.py), the plain-or-chunked
+per-token loss (chunked_loss.py), the packing-leak check (attention.py), the stop at a diverging run
+(divergence.py), complete checkpoints only to resume from (checkpoints.py), evaluation placeholders
+for several ranks (eval_padding.py) and the files saved with the model (run_artifacts.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import logging
-import math
 import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
+import datasets
 import torch
-from accelerate.utils import broadcast
 from torch import nn
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
-from .attention import check_packing_support
-from .checkpoints import check_checkpoint, last_complete_checkpoint, reporting_save_failures
-from .chunked_loss import OutputHeadLoss
-from .coba import CoBaBalancer, ValidationStream
-from .collator import DataCollatorForMFT
+from .attention import PackingGuard
+from .checkpoints import checkpoint_to_resume, reporting_save_failures
+from .chunked_loss import OutputHeadLoss, choose_output_head_loss, forward_per_token_loss
+from .coba_training import CoBaCallback
+from .collator import DataCollatorForMFT, rows_padding_mode
 from .config import MFTConfig
-from .constants import IGNORE_INDEX
-from .divergence import (
-    REMEDY,
-    NonFiniteGradientError,
-    NonFiniteLossError,
-    NonFiniteWeightsError,
-    as_float,
-    non_finite_parameters,
-    uniform_loss_text,
-)
+from .dataset import MFTDataset
+from .divergence import DivergenceGuard
+from .eval_padding import pad_eval_set_for_ranks, real_length
 from .losses import (
     LossNormalizers,
     combine_task_sums,
     count_normalizers,
+    evaluation_loss_metrics,
     loss_coefficients,
     loss_dtype,
-    per_token_cross_entropy,
+    split_loss_targets,
+    task_loss_metrics,
     task_loss_sums,
 )
 from .modeling import keep_4bit_weights_trainable
-from .modes import CoBaValidSampling, LossImplementation, LossMode
-from .progress import TrainingProgressCallback
+from .modes import LossMode
+from .progress import use_training_progress_bar
 from .segments import padding_token_id
-from .run_artifacts import COBA_STATE_FILE, GENERATION_CONFIG_FILE, RUN_ARTIFACTS, write_run_config
+from .run_artifacts import copy_run_artifacts, save_run_artifacts
 from .tasks import TaskRegistry
 
 # Dataset columns the collator needs; the Trainer would otherwise drop those the model's forward
 # does not name (task_id above all).
 DATASET_COLUMNS = ["input_ids", "labels", "task_id", "task_ids", "segment_ids", "position_ids", "attention_mask"]
-# Batch keys that feed the loss and never reach the model's forward.
-LOSS_KEYS = ("labels", "task_ids", "segment_ids")
-# The CoBa balancer's state, saved beside the model in every checkpoint.
-
-logger = logging.getLogger(__name__)
 
 
 class MFTTrainer(Trainer):
@@ -95,12 +72,17 @@ class MFTTrainer(Trainer):
     Args:
         model: any `AutoModelForCausalLM` (or a PEFT model wrapping one).
         args: an `MFTConfig`.
+        data: the `MFTDataset` of `build_mft_dataset(...)`: the train and eval datasets, tasks and
+            default collator that are not given, and the data settings of the saved run config (so
+            that chat.py prompts the model in the format it was trained in).
         tasks: the `TaskRegistry` of the data (`build_mft_dataset(...).tasks`); task weights of
             `args.task_weights` are applied to it.
         data_collator: defaults to `DataCollatorForMFT` padding with the tokenizer's pad token (its
-            EOS token when it has none).
+            EOS token when it has none), in the padding mode of `data`, else of the rows
+            (`collator.rows_padding_mode`).
         run_config: the run's resolved settings (scripts/train.py passes its recipe), saved as
-            `run_config.yaml` with the model and every checkpoint (mft_trainer.run_artifacts).
+            `run_config.yaml` with the model and every checkpoint (mft_trainer.run_artifacts);
+            default: the data settings and summary of `data` and the training arguments.
         Everything else as `transformers.Trainer`.
 
     Metrics: training logs add `loss/<task>` (token-mean cross-entropy of each task over the logging
@@ -129,44 +111,41 @@ class MFTTrainer(Trainer):
         processing_class: Any = None,
         tasks: TaskRegistry | None = None,
         run_config: dict[str, Any] | None = None,
+        data: MFTDataset | None = None,
         **kwargs: Any,
     ):
+        if data is not None:
+            train_dataset = data.train if train_dataset is None else train_dataset
+            eval_dataset = data.valid if eval_dataset is None else eval_dataset
+            tasks = data.tasks if tasks is None else tasks
         if tasks is None:
-            raise ValueError("MFTTrainer needs tasks=<TaskRegistry>: pass the .tasks of build_mft_dataset(...)")
+            raise ValueError(
+                "MFTTrainer needs tasks=<TaskRegistry>: pass data=build_mft_dataset(...), or its .tasks as tasks"
+            )
         if args is None:
             args = MFTConfig(output_dir="mft_output")
         if not isinstance(args, MFTConfig):
             raise TypeError(f"MFTTrainer needs args=MFTConfig(...), got {type(args).__name__}")
         if data_collator is None:
-            # Rows packed by build_mft_dataset carry position_ids; they need the packing collator.
-            columns = getattr(train_dataset if train_dataset is not None else eval_dataset, "column_names", None) or []
-            padding_mode = "pack" if "position_ids" in columns else "padding"
             if processing_class is None:
                 raise ValueError("pass processing_class=<tokenizer> (or a data_collator) so that batches can be padded")
-            data_collator = DataCollatorForMFT(pad_token_id=padding_token_id(processing_class), padding_mode=padding_mode)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
-        # The Trainer's default bar (not a user's own) gives way to one without nested evaluation bars.
-        if any(type(callback) is ProgressCallback for callback in self.callback_handler.callbacks):
-            self.pop_callback(ProgressCallback)
-            self.add_callback(TrainingProgressCallback)
+            rows = train_dataset if train_dataset is not None else eval_dataset
+            padding_mode = data.padding_mode if data is not None else rows_padding_mode(rows)
+            data_collator = DataCollatorForMFT(padding_token_id(processing_class), padding_mode=padding_mode)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        use_training_progress_bar(self)
         # The model gets no labels and computes no loss, so the Trainer's own token counting is moot.
         self.model_accepts_loss_kwargs = False
         # Evaluation (and the first step's probe) must not switch 4-bit layers to an inference format.
         keep_4bit_weights_trainable(self.model)
-        # Refuse, before any step, a model/backend that would let packed samples attend to each other.
-        check_packing_support(self.model, getattr(self.data_collator, "padding_mode", "padding"))
+        # Refuses a model/backend that would let packed samples attend to each other (invariant 3).
+        self.packing = PackingGuard(self.model, self.data_collator)
         if args.early_stopping_patience is not None:
             self.add_callback(EarlyStoppingCallback(args.early_stopping_patience, args.early_stopping_threshold))
         self.tasks = tasks.with_weights(args.task_weights) if args.task_weights else tasks
         self.run_config = run_config
+        self.data = data
         self.loss_mode = LossMode.parse(args.weighted_loss_mode)
         self._task_weights = torch.tensor(self.tasks.weights, dtype=torch.float32)
         self._step_normalizers: LossNormalizers | None = None
@@ -176,11 +155,12 @@ class MFTTrainer(Trainer):
         self._head_loss: OutputHeadLoss | None = None
         self._head_loss_resolved = False
         self._logits_wanted = False  # set by prediction_step when the caller needs real logits
-        self._optimizer_steps_checked = 0  # optimizer steps of this train() call whose gradient was checked
-        self._zero_gradient_steps: list[int] = []  # those with a gradient of exactly 0 and trained tokens
-        self.coba: CoBaBalancer | None = None
+        self.divergence = DivergenceGuard(args, self.accelerator, deepspeed=self.is_deepspeed_enabled)
+        self.coba: CoBaCallback | None = None
         if self.loss_mode is LossMode.COBA:
-            self._init_coba(eval_dataset)
+            self.coba = CoBaCallback(self.tasks, args, self.accelerator, validation_set=self._coba_validation_set,
+                                     measure=self._validation_loss_sums, log=self.log)
+            self.add_callback(self.coba)
 
     @property
     def num_tasks(self) -> int:
@@ -196,82 +176,28 @@ class MFTTrainer(Trainer):
         """The Trainer's step, stopped at the first non-finite loss: before the optimizer applies its
         gradient, so no checkpoint holds weights it has damaged."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"the loss is {loss.item()} at optimizer step {self.state.global_step + 1}: {self._stop_report()}"
-            )
+        self.divergence.check_loss(loss, self.state.global_step + 1)
         return loss
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The Trainer's gradient norm of the step (computed, and clipped to max_grad_norm, before the
-        optimizer step). A NaN or infinite norm stops training there, before the optimizer writes it
-        into the weights; a norm of exactly 0 with trained tokens is reported (`_note_zero_gradient`).
-
-        Costs one host-device synchronisation per optimizer step (the norm is read as a number)."""
+        optimizer step): a NaN or infinite one stops training before the optimizer writes it into the
+        weights, one of exactly 0 with trained tokens is reported (`DivergenceGuard`)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        norm = as_float(grad_norm)
-        if norm is not None:
-            self._optimizer_steps_checked += 1
-            if not math.isfinite(norm):
-                raise NonFiniteGradientError(
-                    f"the gradient norm is {norm} at optimizer step {self.state.global_step + 1} (its loss is "
-                    f"finite): {self._stop_report()}"
-                )
-            if norm == 0.0:
-                self._note_zero_gradient()
+        step = self.state.global_step + 1
+        self.divergence.check_gradient_norm(grad_norm, step, self.model, self._weighted_step_tokens)
         return grad_norm
 
-    def _stop_report(self) -> str:
-        """What stopping at a non-finite loss or gradient leaves behind, and what to do."""
-        if self.is_deepspeed_enabled:
-            applied = (
-                "training stopped; DeepSpeed runs the optimizer step inside the backward pass, so the weights in "
-                "memory may hold it, but nothing was saved after it"
-            )
-        else:
-            applied = "training stopped before the optimizer applied it"
-        return f"{applied}; {self._last_checkpoint_text()}. {REMEDY}."
-
-    def _last_checkpoint_text(self) -> str:
-        last = last_complete_checkpoint(self.args.output_dir)
-        if last is None:
-            return "no checkpoint has been saved yet"
-        return f"the last checkpoint, {last}, holds finite weights (resume_from_checkpoint continues from it)"
-
-    def _note_zero_gradient(self) -> None:
-        """Record an optimizer step whose gradient is exactly 0 although it trains tokens (of tasks with
-        a weight), and warn at the first: a collapsed run would otherwise end without a word."""
+    def _weighted_step_tokens(self) -> int:
+        """Trained tokens of this optimizer step (all ranks) in tasks whose weight is not 0."""
         counts = self._step_normalizers
-        weights = self._task_weights if self.coba is None else self._coba_weights
         if counts is None:
-            return
-        tokens = int((counts.tokens_per_task.cpu() * (weights.cpu() > 0)).sum())
-        if tokens == 0:
-            return  # nothing to learn from in this step: a zero gradient is right
-        step = self.state.global_step + 1
-        self._zero_gradient_steps.append(step)
-        if len(self._zero_gradient_steps) == 1 and self.is_world_process_zero():
-            uniform = uniform_loss_text(self.accelerator.unwrap_model(self.model))
-            logger.warning(
-                "optimizer step %d: the gradient is exactly 0 although the step trains %d tokens, so the model no "
-                "longer learns. A learning rate far too high does this (the activations overflow and the loss stays "
-                "at %s); so do trainable weights that the loss does not reach. Lower learning_rate and start again "
-                "from an earlier checkpoint.", step, tokens, uniform or "ln(vocab size)",
-            )
+            return 0
+        return int((counts.tokens_per_task.cpu() * (self._loss_weights().cpu() > 0)).sum())
 
-    def _stop_if_weights_not_finite(self, when: str, not_saved: str) -> None:
-        """Raise `NonFiniteWeightsError` if a trainable weight is NaN or infinite on any rank (every rank
-        calls this: it reduces over them)."""
-        names = non_finite_parameters(self.model)
-        count = len(names)
-        if self.accelerator.num_processes > 1:
-            count = int(self.accelerator.reduce(torch.tensor(count, device=self.args.device), reduction="sum"))
-        if count:
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "on another rank"
-            raise NonFiniteWeightsError(
-                f"the trainable weights {when} are not finite ({shown}): {not_saved}; "
-                f"{self._last_checkpoint_text()}. {REMEDY}."
-            )
+    def _loss_weights(self) -> torch.Tensor:
+        """``[T]`` task weights of the training loss: CoBa's with coba, else the configured ones."""
+        return self._task_weights if self.coba is None else self.coba.loss_weights
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -292,103 +218,53 @@ class MFTTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        missing = [key for key in LOSS_KEYS if key not in inputs]
-        if missing:
-            raise ValueError(
-                f"the batch has no {missing}: MFTTrainer needs batches from DataCollatorForMFT (the default "
-                "collator) over rows of build_mft_dataset"
-            )
-        inputs = dict(inputs)
-        labels, task_ids, segment_ids = (inputs.pop(key) for key in LOSS_KEYS)
-        batch_counts = count_normalizers(
-            [{"labels": labels, "task_ids": task_ids, "segment_ids": segment_ids}], self.num_tasks
-        )
-        if model.training:
-            normalizers = self._step_normalizers if self._step_normalizers is not None else batch_counts
-            weights = self._task_weights if self.coba is None else self._coba_weights
-        else:
-            normalizers, weights = batch_counts, self._task_weights
+        targets, inputs = split_loss_targets(inputs)
+        self.packing.check(inputs)
+        training = model.training
+        batch_counts = count_normalizers([targets._asdict()], self.num_tasks)
+        # Training divides by the counts of the whole step; evaluation by the batch's, with the configured
+        # weights (the loss of the whole set is computed from the sums in evaluation_loop).
+        normalizers = self._step_normalizers if training and self._step_normalizers is not None else batch_counts
+        weights = self._loss_weights() if training else self._task_weights
         head_loss = None if (return_outputs and self._logits_wanted) else self._output_head_loss(model, inputs)
         coefficients = None
-        if head_loss is not None and model.training and torch.is_grad_enabled():
+        if head_loss is not None and training and torch.is_grad_enabled():
             # The fused layer computes the gradient of sum(coefficients * per-token loss) in its forward.
-            coefficients = loss_coefficients(
-                labels, task_ids, segment_ids, self.loss_mode, normalizers, weights.to(labels.device),
-                dtype=loss_dtype(head_loss.head.weight.dtype),
-            )
-        outputs, per_token, fused_loss = self._forward_per_token_loss(model, inputs, labels, head_loss, coefficients)
-        sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)  # [2, T]
-        if fused_loss is None:
+            coefficients = loss_coefficients(*targets, self.loss_mode, normalizers, weights.to(targets.labels.device),
+                                             dtype=loss_dtype(head_loss.head.weight.dtype))
+        outputs, per_token, loss = forward_per_token_loss(model, inputs, targets.labels, head_loss, coefficients)
+        sums = task_loss_sums(per_token, *targets, self.num_tasks)  # [2, T]
+        if loss is None:  # the plain path: the loss from the sums
             loss = combine_task_sums(sums, self.loss_mode, normalizers, weights.to(per_token.device))
-        else:
-            loss = fused_loss
-        if model.training:
+        if training:
             # Data-parallel backends average gradients over ranks; the step loss is their sum.
             loss = loss * self.accelerator.num_processes
             self._add_train_sums(torch.stack([sums[0].detach().float(), batch_counts.tokens_per_task]))
         else:
             self._add_eval_sums(torch.cat([sums.detach().float(), batch_counts.stacked()]))
-
-        aux_loss = getattr(outputs, "aux_loss", None)
-        if aux_loss is not None:
-            # Mixture-of-experts load balancing, as transformers adds it to the model's own loss; one
-            # micro-batch's share of the step's mean.
-            coefficient = getattr(self.accelerator.unwrap_model(model).config, "router_aux_loss_coef", 0.0)
-            share = self._micro_batches_in_step if model.training else 1
-            loss = loss + coefficient * aux_loss.to(loss.device) / share
+        loss = self._with_router_aux_loss(loss, outputs, model)
         return (loss, outputs) if return_outputs else loss
 
-    def _output_head_loss(self, model: nn.Module, inputs: dict[str, Any]) -> OutputHeadLoss | None:
-        """The chunked loss for this model, or None for the plain path; decided at the first call
-        (`loss_implementation`), with a probe forward on a few tokens of the first batch."""
-        if self._head_loss_resolved:
-            return self._head_loss
-        self._head_loss_resolved = True
-        choice = self.args.loss_implementation
-        if choice == "plain":
-            return None
-        if choice == "auto" and self.args.torch_compile:
-            # The output layer's forward is swapped at every step; a compiled model would recompile.
-            logger.info("per-token loss: plain (full logits), because torch_compile is on")
-            return None
-        head, reason = OutputHeadLoss.find_head(self.accelerator.unwrap_model(model))
-        if head is not None:
-            candidate = OutputHeadLoss(head, self.args.loss_chunk_size or None)
-            reason = candidate.probe(model, inputs["input_ids"][:1, :16]) or ""
-            if not reason:
-                self._head_loss = candidate
-                logger.info("per-token loss: chunked, %d positions per chunk", candidate.chunk_size)
-                return candidate
-        if choice == "chunked":
-            raise ValueError(
-                f"loss_implementation: chunked cannot be used with this model: {reason}. Use loss_implementation: "
-                "plain (or auto, which falls back to plain)."
-            )
-        logger.info("per-token loss: plain (full logits), because %s", reason)
-        return None
+    def _with_router_aux_loss(self, loss: torch.Tensor, outputs: Any, model: nn.Module) -> torch.Tensor:
+        """`loss` plus a mixture-of-experts model's load-balancing loss, as transformers adds it to the
+        model's own loss: one micro-batch's share of the step's mean."""
+        aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is None:
+            return loss
+        coefficient = getattr(self.accelerator.unwrap_model(model).config, "router_aux_loss_coef", 0.0)
+        share = self._micro_batches_in_step if model.training else 1
+        return loss + coefficient * aux_loss.to(loss.device) / share
 
-    @staticmethod
-    def _forward_per_token_loss(
-        model: nn.Module,
-        inputs: dict[str, Any],
-        labels: torch.Tensor,
-        head_loss: OutputHeadLoss | None,
-        coefficients: torch.Tensor | None = None,
-    ) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
-        """The forward and its per-token loss ``[B, L]``: (outputs, per-token loss, loss or None). The
-        loss is there when the chunked output layer computed it (and its gradient) from `coefficients`;
-        without `head_loss`, the plain path takes the model's full logits."""
-        if head_loss is None:
-            outputs = model(**inputs, use_cache=False)
-            return outputs, per_token_cross_entropy(outputs.logits, labels), None
-        with head_loss.computing(labels, coefficients) as result:
-            outputs = model(**inputs, use_cache=False)
-        if result.per_token is None:
-            raise RuntimeError("the model's forward did not call its output layer; use loss_implementation: plain")
-        # The loss as the model returned it (in place of logits), not result.loss: hooks on the layer's
-        # output (DeepSpeed ZeRO-3 gathers the layer's weight in them before its backward) must see it.
-        loss = None if result.loss is None else outputs.logits.reshape(())
-        return outputs, result.per_token, loss
+    def _output_head_loss(self, model: nn.Module, inputs: dict[str, Any]) -> OutputHeadLoss | None:
+        """The chunked loss for this model, or None for the plain path; chosen at the first call, with
+        a probe forward on a few tokens of the first batch (`choose_output_head_loss`)."""
+        if not self._head_loss_resolved:
+            self._head_loss = choose_output_head_loss(
+                model, inputs["input_ids"][:1, :16], self.args.loss_implementation, self.args.loss_chunk_size,
+                torch_compile=self.args.torch_compile, unwrapped=self.accelerator.unwrap_model(model),
+            )
+            self._head_loss_resolved = True
+        return self._head_loss
 
     def prediction_step(
         self,
@@ -415,17 +291,13 @@ class MFTTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add `loss/<task>` to training logs (every rank calls this, so the reduce is safe)."""
         if "loss" in logs:
-            sums = self._train_sums
-            if sums is None:
-                sums = torch.zeros(2, self.num_tasks, device=self.args.device)
+            sums = self._train_sums if self._train_sums is not None else torch.zeros(2, self.num_tasks)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
-            for task_id, name in enumerate(self.tasks.names):
-                if sums[1, task_id] > 0:
-                    logs[f"loss/{name}"] = (sums[0, task_id] / sums[1, task_id]).item()
+            logs.update(task_loss_metrics(sums[0], sums[1], self.tasks.names, "loss"))
             self._train_sums = None
             if self.coba is not None:
-                self._add_coba_logs(logs)
+                self.coba.add_logs(logs)
         super().log(logs, start_time)
 
     def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> TrainOutput:
@@ -450,24 +322,19 @@ class MFTTrainer(Trainer):
         configured mode over the whole set, and add the per-task losses."""
         self._eval_sums = torch.zeros(4, self.num_tasks, device=self.args.device)
         try:
-            output = super().evaluation_loop(
-                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-            )
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
             sums = self._eval_sums
         finally:
             self._eval_sums = None
-        dataset = getattr(dataloader, "dataset", None)
-        if isinstance(dataset, _PaddedDataset):
-            output = output._replace(num_samples=dataset.total_dataset_length)
+        num_samples = real_length(getattr(dataloader, "dataset", None))
+        if num_samples is not None:
+            output = output._replace(num_samples=num_samples)
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
-        if sums[2].sum() > 0:
-            counts = LossNormalizers.from_stacked(sums[2:])
-            loss = combine_task_sums(sums[:2], self.loss_mode, counts, self._task_weights.to(sums.device))
-            output.metrics[f"{metric_key_prefix}_loss"] = loss.item()
-            for task_id, name in enumerate(self.tasks.names):
-                if sums[2, task_id] > 0:
-                    output.metrics[f"{metric_key_prefix}_loss/{name}"] = (sums[0, task_id] / sums[2, task_id]).item()
+        output.metrics.update(
+            evaluation_loss_metrics(sums, self.loss_mode, self._task_weights, self.tasks.names, metric_key_prefix)
+        )
         return output
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
@@ -475,6 +342,7 @@ class MFTTrainer(Trainer):
         `__init__`."""
         model = super().call_model_init(trial)
         keep_4bit_weights_trainable(model)
+        self.packing = PackingGuard(model)  # a new model: checked at its first packed batch
         return model
 
     def _get_dataloader(
@@ -493,10 +361,7 @@ class MFTTrainer(Trainer):
         if not is_training and ranks > 1 and not self.args.dataloader_drop_last:
             # accelerate's global batch: split_batches divides `batch_size` among the ranks.
             global_batch = batch_size if self.accelerator.split_batches else batch_size * ranks
-            padded = pad_for_even_batches(dataset, global_batch)
-            if padded is not dataset and sampler_fn is not None:
-                sampler_fn = functools.partial(_sampler_with_placeholders_last, sampler_fn)
-            dataset = padded
+            dataset, sampler_fn = pad_eval_set_for_ranks(dataset, global_batch, sampler_fn)
         return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -515,35 +380,32 @@ class MFTTrainer(Trainer):
         with contextlib.nullcontext() if _internal_call else reporting_save_failures(output_dir, "model"):
             super().save_model(output_dir, _internal_call=True)  # True: no push before the artefacts exist
             if self.args.should_save:
-                self._save_run_artifacts(output_dir)
+                save_run_artifacts(output_dir, self.tasks.to_dict(), self._run_config_to_save(),
+                                   self.accelerator.unwrap_model(self.model))
+                if self.coba is not None:
+                    self.coba.save(output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _save_run_artifacts(self, output_dir: str) -> None:
-        self.tasks.save(output_dir)
+    def _run_config_to_save(self) -> dict[str, Any]:
+        """The `run_config` given, else what the trainer knows: the settings (whose prompt format
+        chat.py and merge_lora.py read) and summary of `data`, and the training arguments."""
         if self.run_config is not None:
-            write_run_config(output_dir, self.run_config)
-        generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
-        if generation_config is not None and not os.path.isfile(os.path.join(output_dir, GENERATION_CONFIG_FILE)):
-            generation_config.save_pretrained(output_dir)  # PEFT saves the adapter only
-        if self.coba is not None:
-            with open(os.path.join(output_dir, COBA_STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(self.coba.state_dict(), f)
+            return self.run_config
+        return {**(self.data.run_config() if self.data is not None else {}), "training": self.args.to_dict()}
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The Trainer's push of a checkpoint (`hub_strategy`), which copies the checkpoint's model
         files into output_dir and uploads that: the run artefacts are copied too."""
         if self.args.should_save:
-            for name in RUN_ARTIFACTS:
-                source = os.path.join(checkpoint_folder, name)
-                if os.path.isfile(source):
-                    shutil.copy(source, os.path.join(self.args.output_dir, name))
+            copy_run_artifacts(checkpoint_folder, self.args.output_dir)
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The Trainer's checkpoint; a failed save says which checkpoint it left incomplete and why."""
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self._stop_if_weights_not_finite(f"after optimizer step {self.state.global_step}", f"{checkpoint} was not saved")
+        step = self.state.global_step
+        self.divergence.check_weights(self.model, f"after optimizer step {step}", f"{checkpoint} was not saved")
         with reporting_save_failures(checkpoint, "checkpoint"):
             super()._save_checkpoint(model, trial)
 
@@ -553,303 +415,51 @@ class MFTTrainer(Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> TrainOutput:
-        """`Trainer.train`, resumed only from a complete checkpoint (mft_trainer/checkpoints.py): `True`
-        takes the last complete one in output_dir (newer, incomplete ones are skipped with a warning),
-        and a named one must be complete. With coba, also restores the balancer from the checkpoint
-        resumed from (or starts it afresh: a new run measures L_i(0) on the model it starts from).
-
-        Training stops at the first non-finite loss, gradient or weight, before it is applied or saved;
-        a run whose gradient is exactly 0 at some steps ends with a warning that it collapsed.
+        """`Trainer.train`, resumed only from a complete checkpoint (`checkpoints.checkpoint_to_resume`:
+        `True` takes the last complete one in output_dir), with coba's state restored from it (or
+        started afresh), stopped at the first non-finite loss, gradient or weight and warning of a
+        collapse at the end (`divergence.DivergenceGuard`).
 
         Raises:
             IncompleteCheckpointError: the named checkpoint lacks a file or has a truncated one.
             ValueError: `resume_from_checkpoint=True` and output_dir holds no complete checkpoint.
             NonFiniteLossError, NonFiniteGradientError, NonFiniteWeightsError: the run diverged.
         """
-        resume_from_checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        resume_from_checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
         if self.coba is not None:
-            self._restore_coba(resume_from_checkpoint)
-        self._optimizer_steps_checked, self._zero_gradient_steps = 0, []
+            self.coba.restore(resume_from_checkpoint)
+        self.divergence.start()
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
         # The caller saves the final model next (scripts/train.py does): not if it is damaged.
-        self._stop_if_weights_not_finite("at the end of training", "training stopped before they were saved")
-        self._warn_if_collapsed(output.training_loss)
+        self.divergence.check_weights(self.model, "at the end of training", "training stopped before they were saved")
+        self.divergence.warn_if_collapsed(self.model, output.training_loss)
         return output
-
-    def _warn_if_collapsed(self, training_loss: float) -> None:
-        """Repeat, at the end, that steps had a gradient of exactly 0 (see `_note_zero_gradient`)."""
-        steps = self._zero_gradient_steps
-        if steps and self.is_world_process_zero():
-            uniform = uniform_loss_text(self.accelerator.unwrap_model(self.model))
-            logger.warning(
-                "training collapsed: %d of the %d optimizer steps had a gradient of exactly 0 (the first: step %d), "
-                "so the model learnt nothing from them; train_loss %.4f%s. Lower learning_rate.",
-                len(steps), self._optimizer_steps_checked, steps[0], training_loss, f" ({uniform})" if uniform else "",
-            )
-
-    def _checkpoint_to_resume(self, requested: str | bool | None) -> str | None:
-        """The checkpoint `train(resume_from_checkpoint=requested)` resumes from, checked complete."""
-        if requested is None or requested is False:
-            return None
-        if requested is True:
-            last = last_complete_checkpoint(self.args.output_dir)
-            if last is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True, but {self.args.output_dir} holds no complete checkpoint (incomplete "
-                    "ones are named in the warnings above); pass resume_from_checkpoint=None to start afresh"
-                )
-            return last
-        check_checkpoint(requested)
-        return str(requested)
 
     # ---- CoBa ------------------------------------------------------------------------------------
 
-    def _init_coba(self, eval_dataset: Any) -> None:
-        if eval_dataset is None:
-            raise ValueError(
-                "weighted_loss_mode 'coba' needs an eval_dataset: CoBa weights the tasks by the slopes of their "
-                "validation losses. Pass eval_dataset=data.valid (build_mft_dataset with a data_split that keeps a "
-                "validation part, e.g. '95,5', or valid_data_paths), or use weighted_loss_mode 'case3'"
-            )
-        map_style = hasattr(eval_dataset, "__len__") and hasattr(eval_dataset, "__getitem__")
-        if isinstance(eval_dataset, dict) or not map_style:
-            raise ValueError(
-                "weighted_loss_mode 'coba' needs one map-style eval_dataset (with len and indexing, like "
-                f"build_mft_dataset(...).valid), got {type(eval_dataset).__name__}"
-            )
-        if len(eval_dataset) == 0:
-            raise ValueError("weighted_loss_mode 'coba' needs validation samples, but eval_dataset is empty")
-        args = self.args
-        self.coba = CoBaBalancer(
-            self.num_tasks,
-            initial_weights=self.tasks.weights,
-            warmup_steps=args.coba_warmup_steps,
-            history_length=args.coba_history_length,
-            tau=args.coba_tau,
-            update_interval=args.coba_update_interval,
-        )
-        self._sync_coba_weights()
-        self._coba_log_sums: torch.Tensor | None = None  # [2, T]: validation loss sums, tokens (logging window)
-        self._coba_stream: ValidationStream | None = None
-        self.add_callback(_CoBaCallback(self))
+    def _coba_validation_set(self) -> Any:
+        """The eval set as the Trainer's evaluation reads it (a datasets.Dataset loses the columns
+        that evaluation drops): the rows CoBa measures."""
+        if isinstance(self.eval_dataset, datasets.Dataset):
+            return self._remove_unused_columns(self.eval_dataset, description="CoBa validation")
+        return self.eval_dataset
 
-    def _sync_coba_weights(self) -> None:
-        """Set the weights compute_loss uses: until CoBa's first update the configured task weights
-        themselves, so that a coba run is exactly case3 during warmup."""
-        self._coba_weights = self._task_weights if self.coba.num_updates == 0 else self.coba.weights.float()  # [T]
-
-    def _restore_coba(self, checkpoint: str | None) -> None:
-        """Load the balancer's state from `checkpoint`, or reset it (L_i(0) is then measured at train begin)."""
-        self.coba.reset()
-        self._coba_log_sums = None
-        if checkpoint is not None:
-            path = os.path.join(checkpoint, COBA_STATE_FILE)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    self.coba.load_state_dict(json.load(f))
-            else:
-                logger.warning(
-                    "%s has no %s (not saved by a coba run): CoBa starts afresh, measuring the initial "
-                    "validation losses on the resumed model", checkpoint, COBA_STATE_FILE,
-                )
-        self._sync_coba_weights()
-
-    def _coba_validation_stream(self) -> ValidationStream:
-        if self._coba_stream is None:
-            # Same columns as the Trainer's own evaluation batches.
-            self._coba_dataset = self._remove_unused_columns(self.eval_dataset, description="CoBa validation")
-            uniform = self.args.coba_valid_sampling == CoBaValidSampling.UNIFORM.value
-            self._coba_stream = ValidationStream(
-                size=len(self._coba_dataset),
-                batch_size=self.args.per_device_eval_batch_size,
-                num_ranks=self.accelerator.num_processes,
-                rank=self.accelerator.process_index,
-                seed=self.args.seed,
-                row_tasks=row_tasks(self._coba_dataset) if uniform else None,
-            )
-        return self._coba_stream
-
-    def _coba_measure(self, batches: list[list[int]]) -> torch.Tensor:
-        """Per-task validation loss sums and trained tokens over `batches` (rows of the eval dataset; an
-        empty batch runs one row and counts nothing), summed over ranks.
-
-        Returns:
-            ``[2, T]`` float64 on every rank the same: token loss sums, trained tokens.
-        """
-        model = self.model  # as the Trainer's evaluation inside training: unwrapped DDP, wrapped FSDP/DeepSpeed
+    def _validation_loss_sums(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """CoBa's measure: per-task validation loss sums and trained tokens of one batch of eval rows,
+        ``[2, T]`` float64, from a forward without gradient in eval mode (the model as the Trainer's
+        evaluation inside training runs it: unwrapped DDP, wrapped FSDP/DeepSpeed)."""
+        targets, inputs = split_loss_targets(self._prepare_inputs(self.data_collator(list(rows))))
+        self.packing.check(inputs)
+        model = self.model
         was_training = model.training
         model.eval()
-        totals = torch.zeros(2, self.num_tasks, dtype=torch.float64, device=self.args.device)
         try:
-            for rows in batches:
-                inputs = self._prepare_inputs(self.data_collator([self._coba_dataset[i] for i in rows or [0]]))
-                labels, task_ids, segment_ids = (inputs.pop(key) for key in LOSS_KEYS)
-                # No gradient and no graph: these forwards are CoBa's only cost.
-                head_loss = self._output_head_loss(model, inputs)
-                with torch.no_grad(), self.compute_loss_context_manager():
-                    _, per_token, _ = self._forward_per_token_loss(model, inputs, labels, head_loss)  # [B, L]
-                if rows:
-                    token_sums = task_loss_sums(per_token, labels, task_ids, segment_ids, self.num_tasks)[0]  # [T]
-                    counts = count_normalizers(
-                        [{"labels": labels, "task_ids": task_ids, "segment_ids": segment_ids}], self.num_tasks
-                    )
-                    totals += torch.stack([token_sums.double(), counts.tokens_per_task.double()])
+            # No gradient and no graph: these forwards are CoBa's only cost.
+            head_loss = self._output_head_loss(model, inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                _, per_token, _ = forward_per_token_loss(model, inputs, targets.labels, head_loss)  # [B, L]
         finally:
             model.train(was_training)
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
-            # The balancer's state must be identical on every rank: take rank 0's bits rather than rely
-            # on every backend's all-reduce giving the same last bit everywhere.
-            totals = broadcast(totals, from_process=0)
-        return totals
-
-    def _coba_on_train_begin(self) -> None:
-        if self.coba.initial_losses is not None:  # restored from the checkpoint
-            return
-        stream = self._coba_validation_stream()
-        totals = self._coba_measure(stream.full_pass())  # [2, T]
-        missing = [name for task_id, name in enumerate(self.tasks.names) if totals[1, task_id] == 0]
-        if missing:
-            raise ValueError(
-                f"weighted_loss_mode 'coba' needs validation samples of every task, but task(s) {missing} have no "
-                "trained token in eval_dataset; give them a validation part (a larger data_split validation "
-                "share or valid_data_paths) or remove them"
-            )
-        initial = totals[0] / totals[1]
-        self.coba.set_initial_losses(initial.cpu())
-        self._sync_coba_weights()
-        self.log({f"coba_valid_loss/{name}": initial[task_id].item() for task_id, name in enumerate(self.tasks.names)})
-
-    def _coba_on_step_end(self, step: int) -> None:
-        if not self.coba.should_sample(step):
-            return
-        stream = self._coba_validation_stream()
-        draws_per_sample = self.args.coba_sample_valid_num
-        first_draw = self.coba.num_samples * draws_per_sample  # draws continue where the last sample ended
-        totals = self._coba_measure([stream.draw(k) for k in range(first_draw, first_draw + draws_per_sample)])
-        # Token mean over the sample's batches and ranks; NaN (missing) for a task absent from all of them.
-        losses = torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1), torch.nan).cpu()  # [T]
-        self.coba.record(step, losses)
-        self._sync_coba_weights()
-        self._coba_log_sums = totals if self._coba_log_sums is None else self._coba_log_sums + totals
-
-    def _add_coba_logs(self, logs: dict[str, float]) -> None:
-        """`coba_weight/<task>` and `coba_valid_loss/<task>` (over the logging window); identical on all ranks."""
-        weights = self.coba.weights
-        sums = self._coba_log_sums
-        for task_id, name in enumerate(self.tasks.names):
-            logs[f"coba_weight/{name}"] = weights[task_id].item()
-            if sums is not None and sums[1, task_id] > 0:
-                logs[f"coba_valid_loss/{name}"] = (sums[0, task_id] / sums[1, task_id]).item()
-        self._coba_log_sums = None
-
-
-class _CoBaCallback(TrainerCallback):
-    """Runs CoBa at the Trainer's step boundaries: L_i(0) at train begin, a validation sample (and a
-    weight update when due) after each optimizer step, before that step's logging and checkpoint,
-    so that checkpoint-N holds the weights of step N + 1."""
-
-    def __init__(self, trainer: MFTTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._coba_on_train_begin()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._coba_on_step_end(state.global_step)
-
-
-def row_tasks(dataset: Any) -> list[int]:
-    """The task of each row of an evaluation set, for task-balanced CoBa draws: a sample's task, or
-    for a packed row (several samples) the task with the most trained tokens in it (the lowest id on
-    ties)."""
-    if "task_id" in dataset.column_names:
-        return [int(t) for t in dataset["task_id"]]
-    tasks = []
-    for row in dataset.select_columns(["task_ids", "labels"]).with_format("numpy"):
-        trained = (row["labels"] != IGNORE_INDEX) & (row["task_ids"] >= 0)  # [L]
-        counts = np.bincount(row["task_ids"][trained], minlength=1)
-        tasks.append(int(counts.argmax()))
-    return tasks
-
-
-class _PaddedDataset(torch.utils.data.Dataset):
-    """`dataset` followed by `extra` copies of `placeholder`.
-
-    `total_dataset_length` is the length without them: accelerate reads it to know how many items
-    of the last gathered batch are real, so `gather_for_metrics` (the Trainer's predictions, hence
-    `compute_metrics` and `predict`) drops the placeholders as it drops repeated samples. That holds
-    while they come last, which `_sampler_with_placeholders_last` keeps true for any sampler.
-    """
-
-    def __init__(self, dataset: Any, placeholder: dict[str, Any], extra: int):
-        self.dataset, self.placeholder, self.extra = dataset, placeholder, extra
-        self.total_dataset_length = len(dataset)
-
-    def __len__(self) -> int:
-        return self.total_dataset_length + self.extra
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index] if index < self.total_dataset_length else dict(self.placeholder)
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        """Batched reads, as the DataLoader makes them (one Arrow read for a datasets.Dataset)."""
-        real = [i for i in indices if i < self.total_dataset_length]
-        read = getattr(self.dataset, "__getitems__", None)
-        items = list(read(real)) if read is not None and real else [self.dataset[i] for i in real]
-        return items + [dict(self.placeholder) for _ in range(len(indices) - len(real))]
-
-
-class _PlaceholdersLast(torch.utils.data.Sampler):
-    """The indices of `sampler` (over the set without placeholders), then the placeholders'."""
-
-    def __init__(self, sampler: Any, size: int, extra: int):
-        self.sampler, self.size, self.extra = sampler, size, extra
-
-    def __iter__(self) -> Iterator[int]:
-        yield from self.sampler
-        yield from range(self.size, self.size + self.extra)
-
-    def __len__(self) -> int:
-        return len(self.sampler) + self.extra
-
-
-def _sampler_with_placeholders_last(sampler_fn: Any, padded: _PaddedDataset) -> Any:
-    """The Trainer's eval sampler over the set itself (a length-grouped one reads its lengths), with
-    the placeholders after it; None (sequential order) stays None."""
-    sampler = sampler_fn(padded.dataset)
-    return None if sampler is None else _PlaceholdersLast(sampler, padded.total_dataset_length, padded.extra)
-
-
-def pad_for_even_batches(dataset: Any, multiple: int) -> Any:
-    """`dataset` with items appended up to a multiple of `multiple` (accelerate's global batch), each a
-    one-token copy of the first item with no trained token, so it adds nothing to any loss or count.
-
-    accelerate gives every rank the same number of full batches (each rank must run every forward:
-    DDP, ZeRO-3 and FSDP exchange data in it) by completing the last ones with samples from the start
-    of the set; these placeholders take their place. A set that already divides evenly, has no length
-    (an IterableDataset) or is empty is returned as it is.
-    """
-    if multiple <= 1 or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-        return dataset
-    size = len(dataset)
-    extra = -size % multiple
-    if size == 0 or extra == 0:
-        return dataset
-    first = dataset[0]
-    if not isinstance(first, dict) or "labels" not in first:
-        return dataset
-    placeholder = {}
-    for key, value in first.items():
-        # Lists, tensors and numpy arrays with a token axis (a 0-d task_id is not one).
-        if (isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0) and len(value) > 0:
-            value = value[:1]  # every per-token field keeps one token
-        placeholder[key] = value
-    labels = placeholder["labels"]
-    if isinstance(labels, torch.Tensor):
-        placeholder["labels"] = torch.full_like(labels, IGNORE_INDEX)
-    elif isinstance(labels, np.ndarray):
-        placeholder["labels"] = np.full_like(labels, IGNORE_INDEX)
-    else:
-        placeholder["labels"] = [IGNORE_INDEX]
-    return _PaddedDataset(dataset, placeholder, extra)
+        token_sums = task_loss_sums(per_token, *targets, self.num_tasks)[0]  # [T]
+        tokens = count_normalizers([targets._asdict()], self.num_tasks).tokens_per_task  # [T]
+        return torch.stack([token_sums.double(), tokens.double()])

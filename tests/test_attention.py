@@ -14,6 +14,7 @@ from mft_trainer.attention import (
     check_packing_support,
     cu_seq_lens_from_starts,
     default_attn_implementation,
+    is_packed_batch,
     probe_packing,
     reference_varlen_attention,
 )
@@ -271,3 +272,18 @@ def test_check_rejects_models_that_would_leak():
     llama.config._attn_implementation = "paged|eager"
     with pytest.raises(PackingError, match="'paged|eager' of LlamaForCausalLM is not known to keep packed samples"):
         check_packing_support(llama, "pack")
+
+
+def test_packed_batches_are_told_by_what_they_carry():
+    samples = make_samples()
+    assert not is_packed_batch(DataCollatorForMFT(pad_token_id=0)(samples))  # an attention_mask
+    for mode in ("pack", "padding_free"):
+        assert is_packed_batch(packed_batch(samples, mode=mode)[0])
+    batch, _ = packed_batch(samples)
+    without = {key: value for key, value in batch.items() if not key.startswith(("cu_seq_lens", "max_length"))}
+    assert is_packed_batch(without)  # position_ids restart inside a row
+    counting = dict(without, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+    assert is_packed_batch(counting)  # positions not reset, but several samples in a row
+    one_per_row = {key: value for key, value in DataCollatorForMFT(pad_token_id=0)(samples).items()
+                   if key != "attention_mask"}
+    assert not is_packed_batch(one_per_row)  # one sample (and its padding) per row

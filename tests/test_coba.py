@@ -244,7 +244,7 @@ def test_uniform_draws_hold_every_task_equally_and_walk_each_tasks_rows():
 def test_row_tasks_of_packed_rows_are_their_main_task():
     from datasets import Dataset
 
-    from mft_trainer.trainer import row_tasks
+    from mft_trainer.coba_training import row_tasks
 
     packed = Dataset.from_list([
         {"task_ids": [0, 0, 1, 1, 1], "labels": [-100, 5, -100, 6, 7]},  # task 1 has more trained tokens
@@ -324,7 +324,7 @@ def test_logs_carry_weights_and_validation_losses_beside_task_losses(coba_run):
 
 def test_the_training_loss_uses_the_coba_weights(coba_run):
     trainer = coba_run
-    weights = trainer.coba.weights
+    weights = trainer.coba.balancer.weights
     assert (weights - 1 / 3).abs().max() > 0.01
     batch = DataCollatorForMFT(pad_token_id=0)(task_samples(2, seed=5))
     model = trainer.model
@@ -353,7 +353,7 @@ def test_validation_passes_leave_training_untouched(tmp_path):
         final[mode] = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     for name, value in final["case3"].items():
         assert torch.equal(value, final["coba"][name]), name
-    assert trainer.coba.num_samples == 4  # it did sample
+    assert trainer.coba.balancer.num_samples == 4  # it did sample
 
 
 def test_checkpoints_hold_the_state_and_resume_is_exact(coba_run, tmp_path):
@@ -368,8 +368,8 @@ def test_checkpoints_hold_the_state_and_resume_is_exact(coba_run, tmp_path):
     for step in range(5, 11):
         for key in ["loss"] + [f"coba_weight/{name}" for name in TASKS]:
             assert after_resume[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-9, abs=1e-12), (step, key)
-    torch.testing.assert_close(resumed.coba.weights, coba_run.coba.weights, rtol=1e-9, atol=1e-12)
-    assert resumed.coba.num_samples == coba_run.coba.num_samples == 10
+    torch.testing.assert_close(resumed.coba.balancer.weights, coba_run.coba.balancer.weights, rtol=1e-9, atol=1e-12)
+    assert resumed.coba.balancer.num_samples == coba_run.coba.balancer.num_samples == 10
 
 
 @pytest.mark.distributed
@@ -388,7 +388,7 @@ def test_two_ranks_give_the_weights_of_one_process(tmp_path):
 
     one = coba_trainer(str(tmp_path / "one"), batch_size=4, eval_batch_size=4)
     one.train()
-    reference = one.coba.state_dict()
+    reference = one.coba.balancer.state_dict()
     # Per-token cross-entropy is float32 (losses.per_token_cross_entropy), so loss sums grouped by rank
     # differ from the one-batch sums by ~1e-7 relative; the 4-point slope fits amplify that ~10x.
     np.testing.assert_allclose(ranks[0]["initial_losses"], reference["initial_losses"], rtol=1e-6)
@@ -408,10 +408,10 @@ def test_uniform_validation_sampling_draws_the_tasks_equally_in_training(tmp_pat
     eval_rows = task_samples(6, seed=2)
     trainer.eval_dataset = Dataset.from_list([r for r in eval_rows if r["task_id"] == 0] * 4 + eval_rows)
     drawn = []
-    measure = trainer._coba_measure
-    trainer._coba_measure = lambda batches: drawn.append(batches) or measure(batches)
+    measure = trainer.coba.validation_losses
+    trainer.coba.validation_losses = lambda batches: drawn.append(batches) or measure(batches)
     trainer.train()
-    task_of = [int(t) for t in trainer._coba_dataset["task_id"]]
+    task_of = [int(t) for t in trainer.coba.validation_set["task_id"]]
     sample_draws = drawn[1:]  # the first measure is the full pass for L_i(0)
     assert len(sample_draws) == 4
     for (rows,) in sample_draws:

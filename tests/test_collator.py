@@ -58,3 +58,18 @@ def test_batches_are_padded_with_the_pad_token_else_the_end_of_turn_else_eos():
     assert padding_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
     with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
         padding_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))
+
+
+def test_the_padding_mode_of_rows_is_read_from_their_keys():
+    from datasets import Dataset
+
+    from mft_trainer.collator import rows_padding_mode
+
+    sample = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "task_id": 1}
+    row = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "task_ids": [1, 1, 0], "position_ids": [0, 1, 0]}
+    for rows, mode in (([sample], "padding"), ([row], "pack")):
+        assert rows_padding_mode(rows) == mode  # a list: its first row
+        assert rows_padding_mode(Dataset.from_list(rows)) == mode  # a datasets.Dataset: its columns
+        assert rows_padding_mode(Dataset.from_list(rows).to_iterable_dataset()) == mode
+        DataCollatorForMFT(pad_token_id=0, padding_mode=mode)(rows)  # the mode that collates them
+    assert rows_padding_mode([]) == rows_padding_mode(None) == "padding"

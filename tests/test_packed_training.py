@@ -1,6 +1,8 @@
 """MFTTrainer on packed batches: one training step gives the gradient, loss and per-task losses of
 the same samples padded, in every loss mode (a sample of case2/case4 is a segment of a row)."""
 
+import dataclasses
+
 import pytest
 import torch
 from datasets import Dataset
@@ -99,3 +101,37 @@ def test_evaluation_gives_the_same_losses_in_every_layout(tmp_path, tokenizer, e
     for layout in ("pack", "padding_free"):
         for name in names:
             assert metrics[layout][name] == pytest.approx(metrics["padding"][name], rel=1e-5), (layout, name)
+
+
+class PackingCollator:
+    """A collator of the user's own, with no padding_mode attribute, that packs rows."""
+
+    def __call__(self, features):
+        return DataCollatorForMFT(0, padding_mode="pack")(features)
+
+
+def test_packed_batches_of_any_collator_are_checked_against_leaks(tmp_path, layouts):
+    """The leak check holds for a collator that does not say it packs: at its first packed batch."""
+    from transformers import LlamaForCausalLM
+
+    from mft_trainer.attention import PackingError
+
+    from .test_attention import LeakyLlama
+
+    _, packed, rows = layouts
+    args = MFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=rows, report_to=[],
+                     use_cpu=True, disable_tqdm=True, save_strategy="no")
+    tasks = TaskRegistry.from_names(["a", "b", "c"])
+    leaky = LeakyLlama(tiny_llama(VOCAB).config)
+    trainer = MFTTrainer(model=leaky, args=args, train_dataset=packed, data_collator=PackingCollator(), tasks=tasks)
+    with pytest.raises(PackingError, match="lets packed samples see each other"):
+        trainer.train()
+    # (label_names: the Trainer reads them from forward's signature, which LeakyLlama's hides)
+    evaluating = MFTTrainer(model=leaky, args=dataclasses.replace(args, label_names=["labels"]), eval_dataset=packed,
+                            data_collator=PackingCollator(), tasks=tasks)
+    with pytest.raises(PackingError, match="lets packed samples see each other"):
+        evaluating.evaluate()
+    honest = MFTTrainer(model=tiny_llama(VOCAB), args=args, train_dataset=packed, data_collator=PackingCollator(),
+                        tasks=tasks)
+    honest.train()
+    assert honest.packing.checked and isinstance(honest.model, LlamaForCausalLM)

@@ -25,7 +25,6 @@ always rewrites it). The merged model's generation config stops at the format's 
 import argparse
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +35,7 @@ from mft_trainer.model_config import DTYPE_CHOICES
 from mft_trainer.modeling import add_stop_token
 from mft_trainer.rendering import MFTCoderFormat
 from mft_trainer.paths import check_local_path
-from mft_trainer.run_artifacts import RUN_CONFIG_FILE
-from mft_trainer.tasks import TASKS_FILE
+from mft_trainer.run_artifacts import RUN_CONFIG_FILE, TASKS_FILE, copy_run_artifacts
 
 logger = logging.getLogger("merge_lora")
 
@@ -94,9 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # prompt format scripts/chat.py reads).
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    for name in (TASKS_FILE, RUN_CONFIG_FILE):
-        if (Path(args.adapter) / name).is_file():
-            shutil.copy2(Path(args.adapter) / name, output_dir / name)
+    copy_run_artifacts(args.adapter, output_dir, (TASKS_FILE, RUN_CONFIG_FILE))
     logger.info("saved the merged model to %s", output_dir)
     return 0
 

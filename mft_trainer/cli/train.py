@@ -43,7 +43,7 @@ from mft_trainer.modeling import add_stop_token, resolve_model_path, trainable_p
 from mft_trainer.modes import PeftType
 from mft_trainer.prompt_format import ChatTemplateMode, template_source
 from mft_trainer.recipe import RecipeError, check_recipe_paths, help_text, parse_recipe
-from mft_trainer.run_artifacts import write_run_config
+from mft_trainer.run_artifacts import write_generation_config, write_run_config
 from mft_trainer.trainer import MFTTrainer
 
 logger = logging.getLogger("mft_trainer.train")
@@ -126,8 +126,7 @@ def train_preference(recipe, resume_from) -> int:
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         # What chat.py and merge_lora.py read: the prompt format (and the stage) of this model.
-        if not (Path(args.output_dir) / "generation_config.json").is_file():
-            model.generation_config.save_pretrained(args.output_dir)
+        write_generation_config(args.output_dir, model)
         write_run_config(args.output_dir, {"stage": recipe.stage, "model": asdict(model_config),
                                            "data": asdict(data_config), "training": args.to_dict()})
     if data.valid is not None:

@@ -92,7 +92,7 @@ def main() -> None:
         trainer = coba_trainer(output_dir, batch_size=args.batch_size, eval_batch_size=args.batch_size)
         trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    torch.save({"state": trainer.coba.state_dict(), "logs": trainer.state.log_history}, f"{args.out}.rank{rank}.pt")
+    torch.save({"state": trainer.coba.balancer.state_dict(), "logs": trainer.state.log_history}, f"{args.out}.rank{rank}.pt")
 
 
 if __name__ == "__main__":
