@@ -17,7 +17,7 @@ the trainer uses (the tokenizer's pad token, else its EOS token):
 
 Low-level pieces are imported from their modules: `mft_trainer.losses` (the loss reductions),
 `mft_trainer.chunked_loss` (`linear_cross_entropy`, `OutputHeadLoss`), `mft_trainer.attention`
-(`probe_packing`, the `torch_varlen` backend), `mft_trainer.packing`.
+(the `torch_varlen` backend), `mft_trainer.packing_guard` (`probe_packing`), `mft_trainer.packing`.
 """
 
 from .library_noise import silence_library_noise
@@ -26,7 +26,6 @@ silence_library_noise()  # before the imports below load bitsandbytes and DeepSp
 
 from .attention import (
     PackingError,
-    check_packing_support,
     default_attn_implementation,
 )
 from .chat_template import (
@@ -87,6 +86,9 @@ from .modes import (
     LossMode,
     OverlengthPolicy,
     PaddingMode,
+)
+from .packing_guard import (
+    check_packing_support,
 )
 from .prompt_format import (
     ChatTemplateError,

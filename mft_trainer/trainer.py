@@ -34,7 +34,7 @@ from torch import nn
 from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
-from .attention import PackingGuard
+from .packing_guard import PackingGuard
 from .checkpoints import checkpoint_to_resume, reporting_save_failures
 from .chunked_loss import OutputHeadLoss, choose_output_head_loss, forward_per_token_loss
 from .coba_training import CoBaCallback

@@ -11,13 +11,11 @@ from transformers.masking_utils import create_causal_mask  # noqa: F401  (makes 
 from mft_trainer import attention
 from mft_trainer.attention import (
     PackingError,
-    check_packing_support,
     cu_seq_lens_from_starts,
     default_attn_implementation,
-    is_packed_batch,
-    probe_packing,
     reference_varlen_attention,
 )
+from mft_trainer.packing_guard import check_packing_support, is_packed_batch, probe_packing
 from mft_trainer.collator import DataCollatorForMFT
 from mft_trainer.losses import per_token_cross_entropy
 from mft_trainer.packing import best_fit_decreasing

@@ -28,7 +28,7 @@ def test_the_user_facing_names_are_public():
 
 
 def test_low_level_kernels_stay_in_their_modules():
-    from mft_trainer.attention import probe_packing
+    from mft_trainer.packing_guard import probe_packing
     from mft_trainer.chunked_loss import OutputHeadLoss, linear_cross_entropy
     from mft_trainer.losses import per_token_cross_entropy, reduce_loss
 

@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mft_trainer import DataConfig, MFTConfig, MFTTrainer, build_mft_dataset  # noqa: E402
-from mft_trainer.attention import check_packing_support, probe_packing  # noqa: E402  (registers torch_varlen)
+from mft_trainer.packing_guard import check_packing_support, probe_packing  # noqa: E402  (registers torch_varlen)
 from mft_trainer.collator import DataCollatorForMFT  # noqa: E402
 from mft_trainer.packing import pack_dataset  # noqa: E402
 
