@@ -1,7 +1,7 @@
 """CoBa during training (`weighted_loss_mode: coba`, docs/coba.md): the Trainer callback that measures
 the per-task validation losses and gives the loss the balancer's task weights.
 
-mft_trainer/coba.py holds the math (`CoBaBalancer`) and the validation walk (`ValidationStream`);
+mft_trainer/coba.py holds the math (`CoBaBalancer`), mft_trainer/coba_validation.py the validation walk (`ValidationStream`);
 this module runs them at the Trainer's step boundaries. At train begin it measures L_i(0) over the
 whole validation set (unless a checkpoint restored it); after every `coba_update_interval`
 optimizer steps, before that step's logging and checkpoint, it measures `coba_sample_valid_num`
@@ -29,7 +29,8 @@ import torch
 from accelerate.utils import broadcast
 from transformers import TrainerCallback
 
-from .coba import CoBaBalancer, ValidationStream
+from .coba import CoBaBalancer
+from .coba_validation import ValidationStream
 from .constants import IGNORE_INDEX
 from .modes import CoBaValidSampling
 from .run_artifacts import COBA_STATE_FILE, read_coba_state, write_coba_state

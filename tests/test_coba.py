@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from mft_trainer import MFTConfig, MFTTrainer, TaskRegistry
-from mft_trainer.coba import CoBaBalancer, ValidationStream, fit_slope, floor_weights
+from mft_trainer.coba import CoBaBalancer, fit_slope, floor_weights
+from mft_trainer.coba_validation import ValidationStream
 from mft_trainer.collator import DataCollatorForMFT
 from mft_trainer.losses import count_normalizers, per_token_cross_entropy, reduce_loss
 
