@@ -16,9 +16,11 @@ is multiplied by the number of ranks; the Trainer must not divide it again by th
 
 The trainer keeps the hooks; what they call lives beside it: the CoBa callback, whose weights feed
 the case3 reduction with `weighted_loss_mode: coba` (coba_training.py), the plain-or-chunked
-per-token loss (chunked_loss.py), the packing-leak check (attention.py), the stop at a diverging run
-(divergence.py), complete checkpoints only to resume from (checkpoints.py), evaluation placeholders
-for several ranks (eval_padding.py) and the files saved with the model (run_artifacts.py).
+per-token loss (chunked_loss.py), the packing-leak check (packing_guard.py), the stop at a diverging
+run (divergence.py), complete checkpoints only to resume from (checkpoints.py), evaluation
+placeholders for several ranks (eval_padding.py) and the files saved with the model
+(run_artifacts.py). What remains (about 460 lines, a quarter of them documentation) is the Trainer
+overrides, which have to be methods of the subclass.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from torch import nn
 from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
-from .packing_guard import PackingGuard
 from .checkpoints import checkpoint_to_resume, reporting_save_failures
 from .chunked_loss import OutputHeadLoss, choose_output_head_loss, forward_per_token_loss
 from .coba_training import CoBaCallback
@@ -56,6 +57,7 @@ from .losses import (
 )
 from .modeling import keep_4bit_weights_trainable
 from .modes import LossMode
+from .packing_guard import PackingGuard
 from .progress import use_training_progress_bar
 from .segments import padding_token_id
 from .run_artifacts import copy_run_artifacts, save_run_artifacts
