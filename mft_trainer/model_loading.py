@@ -128,7 +128,7 @@ def saved_prompt_format(
 ) -> PromptFormat:
     """The prompt format a saved run was trained in, for its saved tokenizer.
 
-    The run's `run_config.yaml` (written by scripts/train.py) gives `chat_template`, `role_markers`
+    The run's `run_config.yaml` (saved with every model by MFTTrainer.save_model) gives `chat_template`, `role_markers`
     and `eos_token`; arguments that are not None override it. A template mode (`model` or a
     .jinja file) means the saved tokenizer's own template, which training kept or installed. Without
     a run config, a tokenizer whose template is MFTCoder's (or that has none) means `mftcoder`,

@@ -18,7 +18,7 @@ Interactive mode reads one question per line and keeps the conversation: /reset 
 (or end of input) quits. An empty answer is shown as one line that says so (batch output keeps it
 as the empty string). `--show_prompt` prints each full prompt first (to stderr), to see exactly
 what the model is given. The prompt format is the one the model was trained in: the chat_template
-(role_markers, eos_token) of the run_config.yaml that train.py saves beside the model, or, without
+(role_markers, eos_token) of the run_config.yaml that MFTTrainer saves beside the model, or, without
 one, the saved tokenizer's own template (MFTCoder's format when it has MFTCoder's template or none).
 --chat_template model / mftcoder and --role_markers / --eos_token override it; a base model from
 the hub (or a .gguf file) is prompted in its own template.
