@@ -5,14 +5,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from transformers import TrainingArguments
 
 from .json_settings import parse_json_text
 from .modes import CoBaValidSampling, LossImplementation, LossMode
+
+
+# (deprecated alias, current name) of the checkpointing settings in transformers >= 5.2x.
+CHECKPOINTING_ALIASES = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+
+
+def checkpointing_under_current_name(settings: dict[str, Any], config_class: type) -> dict[str, Any]:
+    """`settings` (the values given for a TrainingArguments subclass) with the checkpointing
+    settings under their current names, so that transformers does not warn, on every run, that the
+    old name is a deprecated alias: an old-name value (given, or the class's default, as TRL's True)
+    moves to the new name unless that is set; the old name is left unset (transformers mirrors it).
+    Unchanged for a transformers without the new names.
+
+    >>> checkpointing_under_current_name({"gradient_checkpointing": False}, MFTConfig)["activation_checkpointing"]
+    False
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    settings = dict(settings)
+    for old, new in CHECKPOINTING_ALIASES:
+        if old not in fields or new not in fields:
+            return settings
+        if settings.get(new) is None:
+            default = fields[old].default
+            value = settings.get(old, None if default is dataclasses.MISSING else default)
+            if value is not None:
+                settings[new] = value
+        settings[old] = None
+    return settings
 
 
 @dataclass
@@ -222,14 +254,10 @@ class MFTConfig(TrainingArguments):
         (the reentrant variant needs inputs that require grad, which a frozen LoRA base lacks)."""
         # The name this transformers reads first, then its alias (if it has one).
         names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if n in self.__dataclass_fields__]
-        if len(names) == 2:
-            # MFTCoder's (and older transformers') name is accepted as it is, without transformers'
-            # FutureWarning about the alias: the setting is moved to the new name before its check.
-            for suffix in ("", "_kwargs"):
-                new, old = (f"{name}{suffix}" for name in names)
-                if getattr(self, new) is None and getattr(self, old) is not None:
-                    setattr(self, new, getattr(self, old))
-                    setattr(self, old, None)
+        # MFTCoder's (and older transformers') name is accepted as it is, without transformers' warning.
+        settings = {name: getattr(self, name) for pair in CHECKPOINTING_ALIASES for name in pair if hasattr(self, name)}
+        for name, value in checkpointing_under_current_name(settings, type(self)).items():
+            setattr(self, name, value)
         if all(getattr(self, name) is None for name in names):
             setattr(self, names[0], True)
         enabled = any(getattr(self, name) for name in names)

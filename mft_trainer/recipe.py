@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from .config import MFTConfig
+from .config import MFTConfig, checkpointing_under_current_name
 from .data_config import DataConfig
 from .model_config import ModelConfig
 from .modeling import check_model_paths
@@ -318,25 +318,9 @@ def parse_recipe(argv: Sequence[str]) -> Recipe:
         # bf16 GPU ("Your setup doesn't support bf16/gpu"); MFT's default, full precision, works everywhere.
         values["bf16"] = _bf16_gpu()
     if stage != "sft":
-        _checkpointing_under_the_current_name(values, config_classes(stage)[2])
+        # TRL's configs default gradient_checkpointing to True: under transformers' current name.
+        values = checkpointing_under_current_name(values, config_classes(stage)[2])
     return build_recipe(values, notes, stage)
-
-
-def _checkpointing_under_the_current_name(values: dict[str, Any], config_class: type) -> None:
-    """TRL's configs default `gradient_checkpointing` to True, and transformers (5.2x) warns on every
-    run that this name is a deprecated alias; the setting, the recipe's or TRL's default, goes under
-    the current name, `activation_checkpointing` (MFTConfig does the same for MFTCoder's spelling)."""
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-        if old not in fields or new not in fields:
-            return  # a transformers without the new name
-        if values.get(new) is None:
-            default = fields[old].default
-            value = values.pop(old, None if default is dataclasses.MISSING else default)
-            if value is not None:
-                values[new] = value
-        values[old] = None
 
 
 def _bf16_gpu() -> bool:
