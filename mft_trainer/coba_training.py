@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from .coba import CoBaBalancer
 from .coba_validation import ValidationStream
 from .constants import IGNORE_INDEX
+from .losses import task_loss_metrics
 from .modes import CoBaValidSampling
 from .run_artifacts import COBA_STATE_FILE, read_coba_state, write_coba_state
 from .tasks import TaskRegistry
@@ -198,7 +199,7 @@ class CoBaCallback(TrainerCallback):
         initial = totals[0] / totals[1]
         self.balancer.set_initial_losses(initial.cpu())
         self._sync_loss_weights()
-        self._log({f"coba_valid_loss/{name}": initial[task_id].item() for task_id, name in enumerate(self.tasks.names)})
+        self._log(task_loss_metrics(totals[0], totals[1], self.tasks.names, "coba_valid_loss"))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """A validation sample (and a weight update when due) after optimizer step `state.global_step`."""
@@ -219,9 +220,7 @@ class CoBaCallback(TrainerCallback):
         """Add `coba_weight/<task>` and `coba_valid_loss/<task>` (over the logging window) to a training
         log; identical on all ranks."""
         weights = self.balancer.weights
-        sums = self._log_sums
-        for task_id, name in enumerate(self.tasks.names):
-            logs[f"coba_weight/{name}"] = weights[task_id].item()
-            if sums is not None and sums[1, task_id] > 0:
-                logs[f"coba_valid_loss/{name}"] = (sums[0, task_id] / sums[1, task_id]).item()
+        logs.update({f"coba_weight/{name}": weights[task_id].item() for task_id, name in enumerate(self.tasks.names)})
+        if self._log_sums is not None:
+            logs.update(task_loss_metrics(self._log_sums[0], self._log_sums[1], self.tasks.names, "coba_valid_loss"))
         self._log_sums = None
